@@ -1,0 +1,1 @@
+"""One module per `python -m locoop <command>`; each exposes `add_arguments(parser)` and `run(args)`."""
