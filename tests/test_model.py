@@ -1,0 +1,164 @@
+"""CLIP model: shapes, exact fast paths vs. their naive twins, OpenAI state-dict round trip, errors."""
+import pytest
+import torch
+
+from clip.model import CLIP, build_model, convert_weights_fp16, from_openai_state_dict, to_openai_state_dict
+from clip.naive import encode_image_local_naive, encode_text_full_naive
+
+VIT = dict(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64, vision_patch_size=8,
+           context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1, transformer_layers=2)
+RN = dict(VIT, image_resolution=64, vision_layers=(1, 1, 1, 1), vision_width=16, vision_patch_size=None)
+
+
+def _random_model(arch: dict, seed: int = 0) -> CLIP:
+    torch.manual_seed(seed)
+    model = CLIP(**arch)
+    with torch.no_grad():  # move LayerNorm/BatchNorm away from identity so every path matters
+        for name, p in model.named_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def _tokens() -> torch.Tensor:
+    toks = torch.zeros(3, 77, dtype=torch.long)
+    toks[:, 0] = 49406
+    toks[0, 1:4] = torch.tensor([320, 1125, 49407])
+    toks[1, 1:8] = torch.tensor([320, 1125, 539, 320, 1929, 269, 49407])
+    toks[2, 1] = 49407
+    return toks
+
+
+@pytest.fixture(params=["vit", "rn"])
+def model(request):
+    return _random_model(VIT if request.param == "vit" else RN)
+
+
+def test_shapes(model):
+    res = model.visual.input_resolution
+    images = torch.randn(2, 3, res, res)
+    with torch.no_grad():
+        glob = model.encode_image(images)
+        glob2, local = model.encode_image(images, return_local=True)
+        text = model.encode_text(_tokens())
+        logits_per_image, logits_per_text = model(images, _tokens())
+    n_patches = (res // model.visual.patch_size) ** 2
+    assert glob.shape == (2, 32) and local.shape == (2, n_patches, 32) and text.shape == (3, 32)
+    assert logits_per_image.shape == (2, 3) and torch.equal(logits_per_text, logits_per_image.t())
+    torch.testing.assert_close(glob, glob2, rtol=0, atol=1e-6)
+
+
+def test_local_features_match_naive_value_path(model):
+    images = torch.randn(2, 3, model.visual.input_resolution, model.visual.input_resolution)
+    with torch.no_grad():
+        glob, local = model.encode_image(images, return_local=True)
+        glob_ref, local_ref = encode_image_local_naive(model, images)
+    torch.testing.assert_close(glob, glob_ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(local, local_ref, rtol=0, atol=1e-5)
+
+
+def test_local_features_hand_computed_value_path():
+    """ViT local features are ln_post/proj of the last block's value path (DESIGN.md section 4)."""
+    model = _random_model(VIT, seed=1)
+    images = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        x = model.visual.stem(images)
+        x = model.visual.transformer.resblocks[0](x)
+        last = model.visual.transformer.resblocks[1]
+        attn = last.attn
+        y = x + attn.out_proj(attn.v_proj(last.ln_1(x)))
+        y = y + last.mlp(last.ln_2(y))
+        expected = model.visual.ln_post(y[:, 1:]) @ model.visual.proj.weight.t()
+        _, local = model.encode_image(images, return_local=True)
+    torch.testing.assert_close(local, expected, rtol=0, atol=1e-5)
+
+
+def test_truncated_text_matches_full_context(model):
+    with torch.no_grad():
+        fast = model.encode_text(_tokens())
+        full = encode_text_full_naive(model, _tokens())
+    torch.testing.assert_close(fast, full, rtol=0, atol=1e-5)
+
+
+def test_encode_text_embeddings_equals_encode_text(model):
+    toks = _tokens()
+    with torch.no_grad():
+        a = model.encode_text(toks)
+        b = model.encode_text_embeddings(model.token_embedding(toks), toks.argmax(-1))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_forward_from_every_layer_matches_full_forward():
+    model = _random_model(VIT)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model.visual(images, return_local=True)
+        x = model.visual.stem(images)
+        for start in range(model.visual.transformer.layers):
+            out = model.visual.forward_from(x, start, return_local=True)
+            torch.testing.assert_close(out[0], ref[0], rtol=0, atol=1e-6)
+            torch.testing.assert_close(out[1], ref[1], rtol=0, atol=1e-6)
+            x = model.visual.transformer.resblocks[start](x)
+
+
+def test_other_input_resolution_interpolates_positions(model):
+    res = model.visual.input_resolution * 2
+    with torch.no_grad():
+        _, local = model.encode_image(torch.randn(1, 3, res, res), return_local=True)
+    assert local.shape[1] == (res // model.visual.patch_size) ** 2
+
+
+def test_openai_state_dict_round_trip(model):
+    sd = model.openai_state_dict()
+    assert not any(".q_proj." in k for k in sd if not k.startswith("visual.attnpool"))
+    if "visual.proj" in sd:
+        w = model.visual.transformer.width
+        assert sd["visual.proj"].shape == (w, 32)
+        assert sd["visual.transformer.resblocks.0.attn.in_proj_weight"].shape == (3 * w, w)
+    assert sd["text_projection"].shape == (64, 32)
+    rebuilt = build_model(sd)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, rebuilt.state_dict()[key]), key
+    assert from_openai_state_dict(to_openai_state_dict(model.state_dict())).keys() == model.state_dict().keys()
+
+
+def test_build_model_ignores_openai_metadata_keys():
+    sd = _random_model(VIT).openai_state_dict()
+    sd.update(input_resolution=torch.tensor(32), context_length=torch.tensor(77), vocab_size=torch.tensor(49408))
+    build_model(sd)
+
+
+def test_missing_and_unexpected_keys_are_named():
+    sd = _random_model(VIT).openai_state_dict()
+    del sd["ln_final.bias"]
+    sd["visual.extra_thing"] = torch.zeros(1)
+    with pytest.raises(ValueError, match=r"missing keys \['ln_final.bias'\].*unexpected keys \['visual.extra_thing'\]"):
+        build_model(sd)
+
+
+def test_wrong_shape_is_named():
+    sd = _random_model(VIT).openai_state_dict()
+    sd["ln_final.weight"] = torch.ones(65)
+    with pytest.raises(ValueError):
+        build_model(sd)
+    sd = _random_model(VIT).openai_state_dict()
+    sd["visual.ln_post.weight"] = torch.ones(5)
+    with pytest.raises(ValueError, match="visual.ln_post.weight"):
+        build_model(sd)
+
+
+def test_not_a_clip_state_dict():
+    with pytest.raises(ValueError, match="OpenAI's key names"):
+        build_model({"fc.weight": torch.zeros(2, 2)})
+
+
+def test_fp16_conversion_keeps_norms_fp32():
+    model = convert_weights_fp16(_random_model(RN))
+    assert model.dtype == torch.float16
+    assert model.visual.layer1[0].bn1.weight.dtype == torch.float32
+    assert model.ln_final.weight.dtype == torch.float32
+    assert model.text_projection.weight.dtype == torch.float16
+    assert model.positional_embedding.dtype == torch.float16
