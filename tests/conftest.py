@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny random-weight CLIP checkpoints in OpenAI's format (both file kinds).
+
+Tests force the CPU (as open_clip's do) so results do not depend on the machine.
+"""
+import os
+
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+os.environ.setdefault("CLIP_CACHE_DIR", os.path.join(os.path.dirname(__file__), ".clip_cache_unused"))
+
+import pytest  # noqa: E402
+
+from clip.tiny import make_tiny_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def checkpoint_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("checkpoints")
+
+
+def _checkpoint(checkpoint_dir, like: str, fmt: str) -> str:
+    path = checkpoint_dir / f"{like}.{'jit.pt' if fmt == 'torchscript' else 'pt'}"
+    if not path.exists():
+        make_tiny_checkpoint(path, like=like, fmt=fmt, seed=0)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_path(checkpoint_dir) -> str:
+    """State-dict file of the ``tiny-vit`` architecture."""
+    return _checkpoint(checkpoint_dir, "tiny-vit", "state_dict")
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_jit_path(checkpoint_dir) -> str:
+    """TorchScript archive (OpenAI's shipping format) of the same ``tiny-vit`` weights."""
+    return _checkpoint(checkpoint_dir, "tiny-vit", "torchscript")
+
+
+@pytest.fixture(scope="session")
+def tiny_rn_path(checkpoint_dir) -> str:
+    return _checkpoint(checkpoint_dir, "tiny-rn", "state_dict")
+
+
+@pytest.fixture(scope="session")
+def tiny_rn_jit_path(checkpoint_dir) -> str:
+    return _checkpoint(checkpoint_dir, "tiny-rn", "torchscript")
