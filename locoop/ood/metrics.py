@@ -49,10 +49,10 @@ from __future__ import annotations
 from typing import Dict, Mapping, Tuple, Union
 
 import numpy as np
-import torch
-from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
-ArrayLike = Union[np.ndarray, torch.Tensor, list, tuple]
+# torch tensors are accepted too (anything with .detach()); torch and scikit-learn are
+# imported lazily so that reading / summarising result files stays light.
+ArrayLike = Union[np.ndarray, list, tuple, "torch.Tensor"]  # noqa: F821
 
 FPR_CONVENTION = (
     "MCM/GL-MCM/LoCoOp: ID is the positive class; FPR95 is the fraction of OOD samples "
@@ -68,7 +68,7 @@ FPR_CONVENTION_OPENOOD = (
 
 
 def _as_scores(x: ArrayLike, what: str) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
+    if hasattr(x, "detach"):  # torch.Tensor
         x = x.detach().cpu().numpy()
     a = np.asarray(x)
     if a.dtype == object or not (np.issubdtype(a.dtype, np.number) or a.dtype == bool):
@@ -164,6 +164,8 @@ def ood_metrics(id_scores: ArrayLike, ood_scores: ArrayLike, recall_level: float
     Raises:
         ValueError: empty input, NaN/inf, non-numeric data or a bad recall level.
     """
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
     id_s, ood_s = _validate(id_scores, ood_scores)
     y, s = _labels_and_scores(id_s, ood_s)
     out = {
@@ -187,6 +189,8 @@ def ood_metrics_openood(id_scores: ArrayLike, ood_scores: ArrayLike, tpr_level: 
     Returns:
         ``{"fpr95_openood", "auroc_openood", "aupr_in", "aupr_out"}`` as fractions.
     """
+    from sklearn.metrics import auc, precision_recall_curve, roc_curve
+
     tpr_level = _check_level(tpr_level, "tpr_level")
     id_s, ood_s = _validate(id_scores, ood_scores)
     y_id, s = _labels_and_scores(id_s, ood_s)
