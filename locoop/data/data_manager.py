@@ -1,0 +1,241 @@
+"""Dataset construction and data loaders (Dassl's ``build_dataset``, ``build_data_loader``, ``DataManager``).
+
+Loaders are deterministic for a seed: the shuffling order and the worker seeds (hence the random
+augmentations) come from one ``torch.Generator`` seeded with ``cfg.SEED`` (or, when the run is not
+seeded, drawn from torch's global generator, so ``torch.manual_seed`` alone also fixes them).
+"""
+from __future__ import annotations
+
+import random
+import warnings
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from ..engine.registry import DATASET_REGISTRY
+from .datum import DatasetBase, Datum
+from .image_io import CorruptImageWarning, DatasetWrapper, collate_skipping
+from .transforms import build_transform
+
+# Dassl sampler names -> whether the loader shuffles.
+_SAMPLERS = {"RandomSampler": True, "SequentialSampler": False}
+
+
+class SkippingDataLoader(DataLoader):
+    """A ``DataLoader`` that drops unreadable images, warns once per file and counts them.
+
+    Batches come from :func:`~locoop.data.image_io.collate_skipping`; the bookkeeping happens
+    here in the main process, so the count is complete with any number of workers. A batch
+    whose every image was unreadable is not yielded.
+
+    Attributes:
+        skipped: image path -> reason, for every unreadable image met so far.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.skipped: dict = {}
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self.skipped)
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            for path, reason in zip(batch["skipped"], batch["skip_reasons"]):
+                if path not in self.skipped:
+                    warnings.warn(f"skipped unreadable image {path} ({reason})", CorruptImageWarning, stacklevel=2)
+                self.skipped[path] = reason
+            if batch["img"] is None:
+                continue
+            yield batch
+
+
+def seed_worker(worker_id: int) -> None:
+    """Seed Python's and NumPy's generators in a worker from its torch seed (set by the loader)."""
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def build_data_loader(
+    data_source: Sequence[Datum],
+    batch_size: int,
+    tfm: Optional[Callable],
+    is_train: bool,
+    num_workers: int = 0,
+    drop_last: Optional[bool] = None,
+    sampler: Optional[Sampler] = None,
+    seed: Optional[int] = None,
+    strict: bool = False,
+    shuffle: Optional[bool] = None,
+) -> SkippingDataLoader:
+    """A loader of Dassl-style batch dicts over ``data_source``.
+
+    Args:
+        data_source: the items.
+        batch_size: images per batch.
+        tfm: transform applied to each RGB PIL image.
+        is_train: training loader (shuffled, drops the last incomplete batch when the data
+            holds at least one full batch, as Dassl) or evaluation loader (ordered, keeps all).
+        num_workers: worker processes (``persistent_workers`` when > 0).
+        drop_last: override the default above.
+        sampler: an explicit sampler (e.g. ``DistributedSampler``); disables ``shuffle``.
+        seed: seed of the loader's generator (shuffling order and worker seeds); ``None`` draws
+            it from torch's global generator.
+        strict: raise on an unreadable image instead of skipping it.
+        shuffle: override the default (``is_train``).
+
+    Raises:
+        ValueError: empty ``data_source`` or a non-positive batch size.
+    """
+    if len(data_source) == 0:
+        raise ValueError("cannot build a data loader over an empty list of images")
+    if int(batch_size) < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    if shuffle is None:
+        shuffle = bool(is_train) and sampler is None
+    if drop_last is None:
+        drop_last = bool(is_train) and len(data_source) >= batch_size
+    generator = torch.Generator()
+    if seed is None or seed < 0:
+        seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
+    generator.manual_seed(int(seed))
+    num_workers = int(num_workers)
+    return SkippingDataLoader(
+        DatasetWrapper(data_source, tfm, strict=strict),
+        batch_size=int(batch_size),
+        shuffle=shuffle,
+        sampler=sampler,
+        num_workers=num_workers,
+        drop_last=drop_last,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=num_workers > 0,
+        collate_fn=collate_skipping,
+        worker_init_fn=seed_worker,
+        generator=generator,
+    )
+
+
+def build_dataset(cfg, need_train: Optional[bool] = None) -> DatasetBase:
+    """Instantiate the dataset named by ``cfg.DATASET.NAME`` from ``DATASET_REGISTRY``.
+
+    Args:
+        cfg: the config.
+        need_train: passed to the dataset when given (``False``: evaluation only, the training
+            folder is neither required nor read).
+
+    Raises:
+        ValueError: empty ``DATASET.NAME``; KeyError: unknown name (lists the registered ones).
+    """
+    from . import datasets  # noqa: F401  (registers the built-in datasets)
+
+    name = cfg.DATASET.NAME
+    if not name:
+        raise ValueError(f"DATASET.NAME is empty; set it to one of {DATASET_REGISTRY.registered_names()} "
+                         "(e.g. with --dataset-config-file configs/datasets/imagenet.yaml)")
+    cls = DATASET_REGISTRY.get(name)
+    if getattr(cfg, "VERBOSE", True):
+        print(f"Loading dataset: {name}")
+    return cls(cfg) if need_train is None else cls(cfg, need_train=need_train)
+
+
+def _sampler_shuffles(name: str, key: str) -> bool:
+    if name not in _SAMPLERS:
+        raise ValueError(f"{key}={name!r} is not supported; choose one of {list(_SAMPLERS)}")
+    return _SAMPLERS[name]
+
+
+class DataManager:
+    """Builds the dataset, transforms and loaders from the config (Dassl's ``DataManager``).
+
+    Args:
+        cfg: the config.
+        dataset: a ready dataset (default: :func:`build_dataset`).
+        custom_tfm_train / custom_tfm_test: transforms replacing the ones built from the config.
+        need_train: see :func:`build_dataset`.
+        verbose: print the dataset summary.
+
+    Attributes:
+        dataset, train_loader_x (None without training items), train_loader_u (always None),
+        val_loader (None without validation items), test_loader, tfm_train, tfm_test,
+        num_classes, lab2cname, classnames, num_source_domains.
+    """
+
+    def __init__(self, cfg, dataset: Optional[DatasetBase] = None, custom_tfm_train: Optional[Callable] = None,
+                 custom_tfm_test: Optional[Callable] = None, *, need_train: Optional[bool] = None,
+                 verbose: bool = True) -> None:
+        shuffle_train = _sampler_shuffles(cfg.DATALOADER.TRAIN_X.SAMPLER, "DATALOADER.TRAIN_X.SAMPLER")
+        shuffle_test = _sampler_shuffles(cfg.DATALOADER.TEST.SAMPLER, "DATALOADER.TEST.SAMPLER")
+        self.tfm_train = custom_tfm_train if custom_tfm_train is not None else build_transform(cfg, is_train=True)
+        self.tfm_test = custom_tfm_test if custom_tfm_test is not None else build_transform(cfg, is_train=False)
+        if dataset is None:
+            dataset = build_dataset(cfg, need_train=need_train)
+        self.dataset = dataset
+        seed = int(cfg.SEED) if int(cfg.SEED) >= 0 else None
+        workers = int(cfg.DATALOADER.NUM_WORKERS)
+        strict = bool(cfg.DATASET.STRICT)
+        test_bs = int(cfg.DATALOADER.TEST.BATCH_SIZE)
+
+        def eval_loader(items):
+            return build_data_loader(items, test_bs, self.tfm_test, is_train=False, num_workers=workers,
+                                     seed=seed, strict=strict, shuffle=shuffle_test) if items else None
+
+        self.train_loader_x = None
+        if dataset.train_x:
+            self.train_loader_x = build_data_loader(
+                dataset.train_x, int(cfg.DATALOADER.TRAIN_X.BATCH_SIZE), self.tfm_train, is_train=True,
+                num_workers=workers, seed=seed, strict=strict, shuffle=shuffle_train)
+        self.train_loader_u = None
+        self.val_loader = eval_loader(dataset.val)
+        self.test_loader = eval_loader(dataset.test)
+        self.num_source_domains = 1
+        if verbose:
+            self.show_dataset_summary()
+
+    @property
+    def num_classes(self) -> int:
+        return self.dataset.num_classes
+
+    @property
+    def lab2cname(self) -> dict:
+        return self.dataset.lab2cname
+
+    @property
+    def classnames(self) -> list:
+        return self.dataset.classnames
+
+    @property
+    def skipped(self) -> dict:
+        """Unreadable images skipped so far by any of the loaders (path -> reason)."""
+        out: dict = {}
+        for loader in (self.train_loader_x, self.val_loader, self.test_loader):
+            if loader is not None:
+                out.update(loader.skipped)
+        return out
+
+    def summary_rows(self) -> list:
+        """(field, value) rows of the dataset summary."""
+        ds = self.dataset
+        rows = [("Dataset", type(ds).__name__), ("# classes", f"{ds.num_classes:,}"),
+                ("# train_x", f"{len(ds.train_x):,}"), ("# val", f"{len(ds.val):,}"),
+                ("# test", f"{len(ds.test):,}")]
+        if getattr(ds, "classnames_file", None):
+            rows.append(("Class names", f"{ds.classnames_file} (sha256 {str(ds.classnames_hash)[:12]})"))
+        if getattr(ds, "split_file", None):
+            rows.append(("Few-shot split", f"{ds.split_file} (sha256 {str(ds.split_hash)[:12]})"))
+        if getattr(ds, "val_split_file", None):
+            rows.append(("Val split", f"{ds.val_split_file} (sha256 {str(ds.val_split_hash)[:12]})"))
+        return rows
+
+    def show_dataset_summary(self) -> None:
+        """Print the summary table."""
+        rows = self.summary_rows()
+        width = max(len(k) for k, _ in rows)
+        line = "-" * (width + 2 + max(len(v) for _, v in rows))
+        print(line)
+        for k, v in rows:
+            print(f"{k:<{width}}  {v}")
+        print(line)

@@ -1,0 +1,240 @@
+"""Few-shot sampling (K images per class for a seed), the split cache, and base/new class subsets.
+
+Cache file: ``<dataset_dir>/split_fewshot/shot_<K>-seed_<seed>.pkl`` (CoOp's name and place).
+
+Format and safety: CoOp pickles Dassl ``Datum`` objects, and unpickling runs arbitrary code. Our
+file keeps CoOp's name but holds only plain Python data written with ``torch.save`` (a dict of
+lists of str/int) and is read with ``torch.load(weights_only=True)``, which refuses anything but
+plain data; a CoOp pickle found at that path is therefore rejected with a message, never executed.
+Image paths are stored relative to the dataset folder with ``/`` separators, so the cache keeps
+working after the dataset folder is moved or mounted elsewhere. Writes go to a temporary file in
+the same folder followed by ``os.replace``, so a killed run never leaves half a file behind.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import tempfile
+import warnings
+from collections import defaultdict
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from .classnames import sha256_file
+from .datum import Datum
+
+SPLIT_FORMAT = "locoop-fewshot-split/1"
+
+
+class FewShotWarning(UserWarning):
+    """Some classes have fewer images than the requested number of shots."""
+
+
+def split_by_label(data_source: Sequence[Datum]) -> dict:
+    """Group items by label (labels in ascending order, items in their original order)."""
+    groups: dict = defaultdict(list)
+    for d in data_source:
+        groups[d.label].append(d)
+    return {lab: groups[lab] for lab in sorted(groups)}
+
+
+def check_fewshot_feasible(class_sizes: dict, num_shots: int, what: str = "the training set") -> list:
+    """Check that ``num_shots`` images per class can be drawn; return the classes that fall short.
+
+    Args:
+        class_sizes: class name (or label) -> number of images.
+        num_shots: K.
+        what: description of the data for the messages.
+
+    Returns:
+        Sorted ``(class, size)`` pairs of the classes with fewer than K images (all their images
+        will be used).
+
+    Raises:
+        ValueError: K is larger than every class (nothing would be a K-shot class), or no class
+            has any image.
+    """
+    if not class_sizes:
+        raise ValueError(f"{what} has no classes")
+    largest = max(class_sizes.values())
+    if largest == 0:
+        raise ValueError(f"every class of {what} is empty; add images to the class folders")
+    if num_shots > largest:
+        raise ValueError(
+            f"DATASET.NUM_SHOTS={num_shots} is larger than every class of {what} (the largest has "
+            f"{largest} images). Lower DATASET.NUM_SHOTS to at most {largest}, or add images.")
+    return sorted(((c, n) for c, n in class_sizes.items() if n < num_shots), key=lambda x: str(x[0]))
+
+
+def generate_fewshot_dataset(data_source: Sequence[Datum], num_shots: int, seed: int,
+                             warn: bool = True) -> list:
+    """Draw ``num_shots`` items per class, deterministically for ``seed``.
+
+    Items of each class are sorted by path first, so the result depends only on the set of
+    files, the shots and the seed, not on listing order or the global random state. A class
+    with fewer than K images contributes all of them (with a :class:`FewShotWarning` naming the
+    classes). ``num_shots < 1`` returns the data unchanged.
+
+    Raises:
+        ValueError: ``num_shots`` is larger than every class.
+    """
+    if num_shots < 1:
+        return list(data_source)
+    groups = split_by_label(data_source)
+    sizes = {items[0].classname or lab: len(items) for lab, items in groups.items()}
+    short = check_fewshot_feasible(sizes, num_shots)
+    if short and warn:
+        shown = ", ".join(f"{c} ({n})" for c, n in short[:10])
+        more = f", ... ({len(short)} classes in all)" if len(short) > 10 else ""
+        warnings.warn(f"{len(short)} classes have fewer than NUM_SHOTS={num_shots} images; all of their "
+                      f"images are used: {shown}{more}", FewShotWarning, stacklevel=2)
+    rng = random.Random(f"fewshot:{num_shots}:{seed}")
+    out = []
+    for _, items in groups.items():
+        items = sorted(items, key=lambda d: d.impath)
+        out.extend(items if len(items) <= num_shots else rng.sample(items, num_shots))
+    return out
+
+
+def fewshot_split_path(dataset_dir: str, num_shots: int, seed: int) -> str:
+    """CoOp's cache path ``<dataset_dir>/split_fewshot/shot_<K>-seed_<seed>.pkl``."""
+    return os.path.join(dataset_dir, "split_fewshot", f"shot_{num_shots}-seed_{seed}.pkl")
+
+
+def _to_relative(items: Sequence[Datum], dataset_dir: str) -> list:
+    base = os.path.abspath(dataset_dir)
+    rows = []
+    for d in items:
+        rel = os.path.relpath(os.path.abspath(d.impath), base)
+        if rel.startswith(".."):
+            raise ValueError(f"{d.impath} is outside the dataset folder {base}; the few-shot cache stores "
+                             "paths relative to it")
+        rows.append({"impath": rel.replace(os.sep, "/"), "label": d.label, "classname": d.classname,
+                     "domain": d.domain})
+    return rows
+
+
+def save_fewshot_split(path: str, dataset_dir: str, train: Sequence[Datum], val: Optional[Sequence[Datum]] = None,
+                       meta: Optional[dict] = None) -> None:
+    """Write a split atomically with paths relative to ``dataset_dir`` (see module docstring)."""
+    payload = {"format": SPLIT_FORMAT, "train": _to_relative(train, dataset_dir),
+               "val": None if val is None else _to_relative(val, dataset_dir), "meta": dict(meta or {})}
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pkl", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_fewshot_split(path: str, dataset_dir: str) -> dict:
+    """Read a split written by :func:`save_fewshot_split`; paths become absolute under ``dataset_dir``.
+
+    Returns:
+        ``{"train": [Datum], "val": [Datum] or None, "meta": dict}``.
+
+    Raises:
+        ValueError: the file is not one of our split files (e.g. CoOp's pickle) or is damaged, or
+            an image it lists no longer exists.
+    """
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError/RuntimeError/EOFError/... for foreign files
+        raise ValueError(
+            f"{path} is not a few-shot split written by this framework ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}). It may be CoOp's pickle, which is never "
+            "unpickled here because that would run code from the file. Delete or move it, and the split "
+            "is regenerated (deterministically for the seed).") from None
+    if not isinstance(payload, dict) or payload.get("format") != SPLIT_FORMAT:
+        raise ValueError(f"{path} does not have the expected format {SPLIT_FORMAT!r}; delete it to regenerate")
+    base = os.path.abspath(dataset_dir)
+
+    def rows_to_items(rows: Optional[list]) -> Optional[list]:
+        if rows is None:
+            return None
+        items, missing = [], []
+        for r in rows:
+            p = os.path.join(base, *r["impath"].split("/"))
+            if not os.path.isfile(p):
+                missing.append(p)
+            items.append(Datum(p, int(r["label"]), str(r["classname"]), int(r.get("domain", 0))))
+        if missing:
+            raise ValueError(
+                f"the few-shot split {path} lists {len(missing)} images that do not exist under {base} "
+                f"(first: {missing[0]}). The dataset changed since the split was made: delete the file to "
+                "regenerate it, or restore the images.")
+        return items
+
+    return {"train": rows_to_items(payload["train"]), "val": rows_to_items(payload.get("val")),
+            "meta": dict(payload.get("meta") or {})}
+
+
+def load_or_create_fewshot(dataset_dir: str, num_shots: int, seed: int,
+                           make_source: Callable[[], Sequence[Datum]]) -> tuple:
+    """The K-shot training split for a seed, from the cache or generated and cached.
+
+    Args:
+        dataset_dir: the dataset folder holding ``split_fewshot/``.
+        num_shots: K (>= 1).
+        seed: sampling seed.
+        make_source: returns the full training list; only called when no cache exists.
+
+    Returns:
+        ``(train_items, cache_path, sha256_of_cache_file, created)``.
+    """
+    path = fewshot_split_path(dataset_dir, num_shots, seed)
+    created = False
+    if os.path.isfile(path):
+        train = load_fewshot_split(path, dataset_dir)["train"]
+    else:
+        train = generate_fewshot_dataset(make_source(), num_shots, seed)
+        save_fewshot_split(path, dataset_dir, train, meta={"num_shots": num_shots, "seed": seed})
+        created = True
+    return train, path, sha256_file(path), created
+
+
+def select_subsample_labels(labels: Sequence[int], subsample: str = "all") -> list:
+    """The labels kept by CoOp's base-to-new protocol: sorted labels split at ``ceil(n / 2)``.
+
+    Raises:
+        ValueError: ``subsample`` is not one of all/base/new.
+    """
+    if subsample not in ("all", "base", "new"):
+        raise ValueError(f"DATASET.SUBSAMPLE_CLASSES must be one of 'all', 'base', 'new'; got {subsample!r}")
+    labels = sorted(set(labels))
+    if subsample == "all":
+        return labels
+    m = math.ceil(len(labels) / 2)
+    return labels[:m] if subsample == "base" else labels[m:]
+
+
+def subsample_classes(*data_sources: Sequence[Datum], subsample: str = "all",
+                      num_classes: Optional[int] = None) -> list:
+    """Keep the first (``base``) or second (``new``) half of the classes, relabelled from 0.
+
+    The class set is ``range(num_classes)`` when given, else the labels of the first non-empty
+    list (CoOp takes the training list). ``all`` returns the lists unchanged.
+
+    Raises:
+        ValueError: ``subsample`` is not one of all/base/new.
+    """
+    if num_classes is not None:
+        labels = list(range(num_classes))
+    else:
+        first = next((ds for ds in data_sources if len(ds)), [])
+        labels = [d.label for d in first]
+    selected = select_subsample_labels(labels, subsample)
+    if subsample == "all":
+        return [list(ds) for ds in data_sources]
+    relabel = {lab: i for i, lab in enumerate(selected)}
+    return [[Datum(d.impath, relabel[d.label], d.classname, d.domain) for d in ds if d.label in relabel]
+            for ds in data_sources]
