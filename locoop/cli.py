@@ -13,7 +13,9 @@ import sys
 from typing import Optional, Sequence
 
 # command name -> (module, one-line help)
-COMMANDS: dict[str, tuple[str, str]] = {}
+COMMANDS: dict[str, tuple[str, str]] = {
+    "summarize": ("locoop.commands.summarize", "Average several seeds' ood_results.json (mean and std)"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,45 @@
+"""``python -m locoop summarize RUN_DIR [RUN_DIR ...] [--glob PATTERN] [--output DIR]``.
+
+Averages several runs' ``ood_results.json`` (mean and population std by default) and
+writes ``summary.md`` / ``summary.json``; prints the tables.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the summarize command's arguments."""
+    parser.add_argument("runs", nargs="*", metavar="RUN_DIR",
+                        help="run folders containing ood_results.json (or the JSON files)")
+    parser.add_argument("--glob", dest="pattern", default=None, metavar="PATTERN",
+                        help="glob for more runs, e.g. 'output/**/seed*/ood_results.json' (quote it)")
+    parser.add_argument("--output", default=None, metavar="DIR",
+                        help="where summary.md / summary.json go (default: the runs' common parent folder)")
+    parser.add_argument("--sample-std", action="store_true",
+                        help="sample standard deviation (ddof=1) instead of population (ddof=0)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Summarise the runs; returns 0, or 2 with a message on bad input."""
+    from locoop.ood.summarize import find_result_files, format_summary_table, summarize_runs
+
+    try:
+        files = find_result_files(args.runs, args.pattern)
+        if not files:
+            print("summarize: give RUN_DIR arguments or --glob PATTERN", file=sys.stderr)
+            return 2
+        output = args.output
+        if output is None:
+            # Run folders are typically .../seed1, .../seed2: the summary goes next to them.
+            output = os.path.commonpath([str(f.resolve().parent.parent) for f in files])
+        summary = summarize_runs(files, output_dir=Path(output), ddof=1 if args.sample_std else 0)
+    except (OSError, ValueError) as e:
+        print(f"summarize: {e}", file=sys.stderr)
+        return 2
+    print(format_summary_table(summary))
+    print(f"\nwrote {summary['files']['md']}\nwrote {summary['files']['json']}")
+    return 0
