@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 # command name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "summarize": ("locoop.commands.summarize", "Average several seeds' ood_results.json (mean and std)"),
+    "check-data": ("locoop.commands.check_data", "Check a dataset folder layout and report what to fix"),
 }
 
 

@@ -16,7 +16,7 @@ all training images when < 1), ``test`` = the ``val`` folder, ``val`` = the imag
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence
+from typing import Sequence
 
 from ...engine.registry import DATASET_REGISTRY
 from ..classnames import ClassNames, compare_keys, resolve_imagenet_classnames
@@ -162,7 +162,7 @@ class ImageNet(DatasetBase):
         if cfg.DATASET.VAL_SPLIT_FILE:
             val, val_split_file, val_split_hash = load_val_split(
                 cfg.DATASET.VAL_SPLIT_FILE, classes.key_to_label, classes.names,
-                [self.val_dir, self.train_dir], dataset_dir=self.dataset_dir)
+                [self.val_dir, self.train_dir], base_dirs=(self.dataset_dir, root))
             test = drop_overlap(test, val, "ImageNet")
         else:
             val = test

@@ -10,22 +10,22 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Sequence
 
 from ..classnames import sha256_file
 from ..datum import Datum
 
 
-def resolve_split_path(path: str, dataset_dir: Optional[str] = None) -> str:
-    """Find a split JSON given as an absolute path, relative to the working folder, or to ``dataset_dir``.
+def resolve_split_path(path: str, base_dirs: Sequence[str] = ()) -> str:
+    """Find a split JSON given as an absolute path, or relative to the working folder or one of ``base_dirs``.
 
     Raises:
         FileNotFoundError: none of the candidates exists (all are listed).
     """
     path = os.path.expanduser(path)
     candidates = [path] if os.path.isabs(path) else [os.path.abspath(path)]
-    if dataset_dir and not os.path.isabs(path):
-        candidates.append(os.path.join(dataset_dir, path))
+    if not os.path.isabs(path):
+        candidates += [os.path.join(b, path) for b in base_dirs if b]
     for c in candidates:
         if os.path.isfile(c):
             return c
@@ -60,7 +60,7 @@ def read_split_json(path: str) -> dict:
 
 
 def load_val_split(path: str, key_to_label: Mapping[str, int], classnames: Sequence[str],
-                   search_dirs: Sequence[str], dataset_dir: Optional[str] = None) -> tuple:
+                   search_dirs: Sequence[str], base_dirs: Sequence[str] = ()) -> tuple:
     """Build the validation items from a split JSON.
 
     Args:
@@ -68,7 +68,8 @@ def load_val_split(path: str, key_to_label: Mapping[str, int], classnames: Seque
         key_to_label: class folder name -> label of the dataset.
         classnames: class names by label.
         search_dirs: base folders holding ``<class folder>/<file>``, tried in order.
-        dataset_dir: also try ``path`` relative to this folder.
+        base_dirs: also try a relative ``path`` relative to these folders (e.g. the dataset folder
+            and the data root).
 
     Returns:
         ``(items, resolved_path, sha256)``; items are in label order, then JSON order.
@@ -77,7 +78,7 @@ def load_val_split(path: str, key_to_label: Mapping[str, int], classnames: Seque
         FileNotFoundError: the JSON, or a file it lists, is missing.
         ValueError: malformed JSON or a class folder name the dataset does not have.
     """
-    resolved = resolve_split_path(path, dataset_dir)
+    resolved = resolve_split_path(path, base_dirs)
     data = read_split_json(resolved)
     unknown = sorted(k for k in data if k not in key_to_label)
     if unknown:

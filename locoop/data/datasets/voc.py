@@ -110,7 +110,8 @@ class PascalVOC(DatasetBase):
         if cfg.DATASET.VAL_SPLIT_FILE:
             search = [d for d in (paths["val"], test_dir, paths["single"]) if os.path.isdir(d)]
             val, val_split_file, val_split_hash = load_val_split(
-                cfg.DATASET.VAL_SPLIT_FILE, classes.key_to_label, classes.names, search, dataset_dir=self.dataset_dir)
+                cfg.DATASET.VAL_SPLIT_FILE, classes.key_to_label, classes.names, search,
+                base_dirs=(self.dataset_dir, os.path.dirname(self.dataset_dir)))
             test = drop_overlap(test, val, "PascalVOC")
         elif os.path.isdir(paths["val"]):
             val = read_class_folders(paths["val"], classes)
