@@ -1,0 +1,271 @@
+"""Checkpoints in Dassl's layout, written atomically and loaded without executing pickles.
+
+Layout per registered model: ``<OUTPUT_DIR>/<model name>/model.pth.tar-<epoch>``, an optional
+``model-best.pth.tar``, and a text file ``checkpoint`` naming the latest epoch file (as Dassl).
+
+A checkpoint is a dict holding only tensors and plain Python values (dict, list, tuple, str, int,
+float, bool, None) so that ``torch.load(weights_only=True)`` reads it: ``state_dict``, ``epoch``
+(the number of finished epochs = the epoch to start from), ``optimizer``, ``scheduler``,
+``rng_states``, ``trainer`` (the trainer's name), ``val_result`` and ``format_version``.
+"""
+from __future__ import annotations
+
+import collections
+import glob
+import os
+import pickle
+import re
+import shutil
+import tempfile
+import warnings
+from typing import Any, Iterable, Optional
+
+import torch
+
+from .seed import set_rng_states
+
+__all__ = [
+    "FORMAT_VERSION",
+    "save_checkpoint",
+    "load_checkpoint",
+    "latest_checkpoint",
+    "resume_from_checkpoint",
+    "check_trainer",
+    "check_weights_only_safe",
+]
+
+FORMAT_VERSION = 1
+_EPOCH_FILE = re.compile(r"^model\.pth\.tar-(\d+)$")
+_TMP_SUFFIX = ".tmp"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+# Exact types: subclasses such as numpy.float64 pickle through numpy and would be refused on load.
+_SAFE_SCALARS = (str, int, float, bool, type(None), torch.dtype, torch.device, torch.Size)
+
+
+def check_weights_only_safe(obj: Any, where: str = "state") -> None:
+    """Raise TypeError if ``obj`` holds anything ``torch.load(weights_only=True)`` would refuse.
+
+    Checked before writing, so a bad entry fails at save time with its path, not at resume time.
+    """
+    if isinstance(obj, torch.Tensor) or type(obj) in _SAFE_SCALARS:
+        return
+    if type(obj) in (dict, collections.OrderedDict):
+        for k, v in obj.items():
+            if type(k) not in (str, int, float, bool, type(None)):
+                raise TypeError(f"{where}: key {k!r} of type {type(k).__name__} cannot be stored in a checkpoint.")
+            check_weights_only_safe(v, f"{where}[{k!r}]")
+        return
+    if type(obj) in (list, tuple, torch.Size):
+        for i, v in enumerate(obj):
+            check_weights_only_safe(v, f"{where}[{i}]")
+        return
+    raise TypeError(
+        f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}; checkpoints may hold only tensors and "
+        f"plain Python values (dict, list, tuple, str, int, float, bool, None) so that they load with "
+        f"torch.load(weights_only=True). Store its state_dict() or a plain value instead."
+    )
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. not permitted on this platform: the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: str, write_fn) -> None:
+    """Write via a temp file in the same folder, fsync, then rename over ``path``.
+
+    A crash at any point leaves either the old file or the complete new one, never a partial file.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=_TMP_SUFFIX)
+    try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
+        with os.fdopen(fd, "wb") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(directory)
+
+
+def _remove_stale_temp_files(directory: str) -> None:
+    # Left behind only by a process killed mid-write; never a valid checkpoint.
+    for p in glob.glob(os.path.join(directory, ".*" + _TMP_SUFFIX)):
+        try:
+            os.remove(p)
+        except OSError:
+            pass
+
+
+def _strip_module_prefix(state_dict: dict) -> dict:
+    if not any(k.startswith("module.") for k in state_dict):
+        return state_dict
+    return collections.OrderedDict((k[len("module."):] if k.startswith("module.") else k, v)
+                                   for k, v in state_dict.items())
+
+
+def save_checkpoint(state: dict, save_dir: str, is_best: bool = False, model_name: str = "",
+                    remove_module_from_keys: bool = True) -> str:
+    """Atomically write ``state`` to ``save_dir/model_name``.
+
+    Args:
+        state: Dict with at least ``state_dict`` and ``epoch`` (finished epochs); plain values only.
+        save_dir: Folder (created if missing), usually ``OUTPUT_DIR/<model name>``.
+        is_best: Also copy it to ``model-best.pth.tar``.
+        model_name: File name; default ``model.pth.tar-<epoch>``. Only ``model.pth.tar-<N>`` files
+            update the ``checkpoint`` pointer (so resuming never picks an older best model).
+        remove_module_from_keys: Strip DataParallel/DDP's ``module.`` prefix from parameter names.
+
+    Returns:
+        Path of the written file.
+    """
+    if "state_dict" not in state or "epoch" not in state:
+        raise ValueError("A checkpoint state needs 'state_dict' and 'epoch' entries.")
+    state = dict(state)
+    if remove_module_from_keys:
+        state["state_dict"] = _strip_module_prefix(state["state_dict"])
+    state.setdefault("format_version", FORMAT_VERSION)
+    check_weights_only_safe(state)
+
+    os.makedirs(save_dir, exist_ok=True)
+    _remove_stale_temp_files(save_dir)
+    if not model_name:
+        model_name = f"model.pth.tar-{state['epoch']}"
+    fpath = os.path.join(save_dir, model_name)
+    _atomic_write(fpath, lambda f: torch.save(state, f))
+
+    if _EPOCH_FILE.match(model_name):
+        _atomic_write(os.path.join(save_dir, "checkpoint"), lambda f: f.write(f"{model_name}\n".encode()))
+    if is_best and model_name != "model-best.pth.tar":
+        best = os.path.join(save_dir, "model-best.pth.tar")
+
+        def _copy(f):
+            with open(fpath, "rb") as src:
+                shutil.copyfileobj(src, f)
+
+        _atomic_write(best, _copy)
+    return fpath
+
+
+def load_checkpoint(fpath: str, map_location: Any = "cpu") -> dict:
+    """Load a checkpoint with ``torch.load(weights_only=True)``.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: damaged file, or a pickle that is not a checkpoint of this framework (such a file
+            is never executed).
+    """
+    if not fpath:
+        raise ValueError("Checkpoint path is empty.")
+    if not os.path.isfile(fpath):
+        raise FileNotFoundError(f"No checkpoint at '{fpath}'.")
+    try:
+        ckpt = torch.load(fpath, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, ImportError,
+            TypeError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(
+            f"'{fpath}' is not a checkpoint written by this framework, or it is damaged ({type(e).__name__}: "
+            f"{first}). Our checkpoints hold only tensors and plain values and load with weights_only=True; "
+            f"other pickles are refused, never executed. If it comes from the original Dassl/CoOp/LoCoOp code "
+            f"and you trust it, re-save just its weights there: "
+            f"torch.save({{'state_dict': ckpt['state_dict'], 'epoch': ckpt['epoch']}}, new_path)."
+        ) from e
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise ValueError(
+            f"'{fpath}' is not a checkpoint written by this framework: expected a dict with a 'state_dict' "
+            f"entry, found {type(ckpt).__name__}"
+            + (f" with keys {sorted(map(str, ckpt))[:8]}" if isinstance(ckpt, dict) else "") + "."
+        )
+    return ckpt
+
+
+def latest_checkpoint(fdir: str) -> Optional[str]:
+    """Path of the newest epoch checkpoint in ``fdir`` (pointer file first, else the highest epoch)."""
+    pointer = os.path.join(fdir, "checkpoint")
+    if os.path.isfile(pointer):
+        with open(pointer, encoding="utf-8") as f:
+            name = f.read().strip()
+        path = os.path.join(fdir, name)
+        if name and os.path.isfile(path):
+            return path
+        warnings.warn(f"'{pointer}' names '{name}', which does not exist; using the highest epoch file instead.")
+    epochs = []
+    for p in os.listdir(fdir) if os.path.isdir(fdir) else []:
+        m = _EPOCH_FILE.match(p)
+        if m:
+            epochs.append((int(m.group(1)), p))
+    if not epochs:
+        return None
+    return os.path.join(fdir, max(epochs)[1])
+
+
+def check_trainer(ckpt: dict, accepted: Iterable[str], fpath: str) -> None:
+    """Refuse a checkpoint saved by another trainer.
+
+    Raises:
+        ValueError: naming both trainers. A checkpoint without a ``trainer`` entry (saved elsewhere)
+            is accepted with a warning.
+    """
+    accepted = list(accepted)
+    saved = ckpt.get("trainer")
+    if saved is None:
+        warnings.warn(f"'{fpath}' does not record which trainer wrote it; loading it as {accepted[0]}.")
+        return
+    if saved not in accepted:
+        raise ValueError(
+            f"'{fpath}' was saved by trainer '{saved}', but this is trainer '{accepted[0]}'. Use "
+            f"--trainer {saved} (TRAINER.NAME) to load it, or point to a checkpoint of {accepted[0]}."
+        )
+
+
+def resume_from_checkpoint(fdir: str, model: torch.nn.Module, optimizer: Optional[Any] = None,
+                           scheduler: Optional[Any] = None, scaler: Optional[Any] = None,
+                           trainer_names: Optional[Iterable[str]] = None) -> int:
+    """Restore model, optimiser, scheduler, AMP scaler and RNG states from the latest checkpoint.
+
+    Args:
+        fdir: Folder of one model's checkpoints (``OUTPUT_DIR/<model name>``).
+        trainer_names: Accepted trainer names (None: no check).
+
+    Returns:
+        The epoch to start from (the number of epochs already finished).
+    """
+    fpath = latest_checkpoint(fdir)
+    if fpath is None:
+        raise FileNotFoundError(f"No 'model.pth.tar-<epoch>' checkpoint in '{fdir}' to resume from.")
+    print(f"Loading checkpoint from '{fpath}'")
+    ckpt = load_checkpoint(fpath)
+    if trainer_names is not None:
+        check_trainer(ckpt, trainer_names, fpath)
+    model.load_state_dict(ckpt["state_dict"])
+    print("Loaded model weights")
+    if optimizer is not None and ckpt.get("optimizer") is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        print("Loaded optimizer")
+    if scheduler is not None and ckpt.get("scheduler") is not None:
+        scheduler.load_state_dict(ckpt["scheduler"])
+        print("Loaded scheduler")
+    if scaler is not None and ckpt.get("scaler") is not None:
+        scaler.load_state_dict(ckpt["scaler"])
+    if ckpt.get("rng_states") is not None:
+        set_rng_states(ckpt["rng_states"])
+    start_epoch = int(ckpt["epoch"])
+    print(f"Previous epoch: {start_epoch}")
+    return start_epoch
+
