@@ -1,0 +1,25 @@
+"""SeTAR: training-free low-rank pruning search on CLIP weights (DESIGN.md section 8).
+
+- :mod:`~locoop.setar.lowrank` -- address weight matrices, apply/revert low-rank approximations;
+- :mod:`~locoop.setar.searchers` -- the order in which the search visits matrices;
+- :mod:`~locoop.setar.search` -- the greedy search (fast exact mode and naive mode);
+- :mod:`~locoop.setar.settings` -- ``[[tower, weight_type, layer, ratio], ...]`` JSON files.
+"""
+from locoop.setar.lowrank import (
+    BLOCK_WEIGHT_TYPES,
+    PRUNE_TYPES,
+    TOWERS,
+    WEIGHT_TYPES,
+    LowRankEditor,
+    get_linear,
+    n_removed,
+    num_layers,
+)
+from locoop.setar.searchers import SEARCHERS, Step, build_steps, get_searcher, list_searchers
+from locoop.setar.settings import apply_settings, load_settings, save_settings, validate_settings
+
+__all__ = [
+    "BLOCK_WEIGHT_TYPES", "PRUNE_TYPES", "TOWERS", "WEIGHT_TYPES", "LowRankEditor", "get_linear", "n_removed",
+    "num_layers", "SEARCHERS", "Step", "build_steps", "get_searcher", "list_searchers", "apply_settings",
+    "load_settings", "save_settings", "validate_settings",
+]
