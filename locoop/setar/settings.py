@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from torch import nn
 
@@ -51,7 +51,7 @@ def validate_settings(settings: Iterable, model: Optional[nn.Module] = None,
     Raises:
         ValueError: naming the bad entry and the valid choices.
     """
-    if isinstance(settings, (str, bytes)) or not isinstance(settings, Iterable):
+    if isinstance(settings, (str, bytes, Mapping)) or not isinstance(settings, Iterable):
         raise ValueError(f"{source}: expected a list [[tower, weight_type, layer, ratio], ...], got {type(settings).__name__}")
     out: List[Setting] = []
     seen = {}

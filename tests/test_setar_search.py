@@ -1,0 +1,251 @@
+"""SeTAR searchers, greedy search (fast == naive), settings files (locoop/setar)."""
+import json
+import math
+
+import pytest
+import torch
+
+import clip
+from clip.model import build_model
+from clip.tiny import random_state_dict
+from locoop.setar.lowrank import LowRankEditor
+from locoop.setar.search import SearchData, TextInputs, check_ratios, run_search
+from locoop.setar.searchers import Step, build_steps, get_searcher, list_searchers
+from locoop.setar.settings import apply_settings, load_settings, save_settings, validate_settings
+
+torch.set_num_threads(1)
+C = 6  # classes
+
+
+def tiny(name="tiny-vit"):
+    return build_model(random_state_dict(name, seed=0))
+
+
+@pytest.fixture(scope="module")
+def data():
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(5, 3, 32, 32, generator=g), torch.randint(0, C, (5,), generator=g)) for _ in range(3)]
+    ood = [torch.randn(4, 3, 32, 32, generator=g) + 1.0 for _ in range(2)]
+    tokens = clip.tokenize([f"a photo of a thing{i}." for i in range(C)])
+    return SearchData(batches, TextInputs(tokens=tokens, chunk_size=4), ood_batches=ood)
+
+
+# ------------------------------------------------------------------------------------ searchers
+LN = {"visual": 2, "text": 2}
+V, T_ = "visual", "text"
+
+
+def test_searcher_registry():
+    assert list_searchers() == ["visual_text", "text_visual", "visual_only", "text_only", "modality_interleaved",
+                                "layer_exhaustive"]
+    with pytest.raises(ValueError, match="valid searchers: visual_text, text_visual, visual_only"):
+        get_searcher("visual-text")
+
+
+def test_visual_text_order():
+    assert build_steps("visual_text", LN) == [Step(V, "W_up", 1), Step(V, "W_up", 0), Step(T_, "W_up", 1),
+                                              Step(T_, "W_up", 0)]
+    assert build_steps("visual_text", LN, freeze_proj=False) == [
+        Step(V, "W_p", None), Step(V, "W_up", 1), Step(V, "W_up", 0),
+        Step(T_, "W_p", None), Step(T_, "W_up", 1), Step(T_, "W_up", 0)]
+
+
+def test_other_orders():
+    assert build_steps("text_visual", LN) == [Step(T_, "W_up", 1), Step(T_, "W_up", 0), Step(V, "W_up", 1),
+                                              Step(V, "W_up", 0)]
+    assert build_steps("visual_only", LN, freeze_proj=False) == [Step(V, "W_p", None), Step(V, "W_up", 1),
+                                                                 Step(V, "W_up", 0)]
+    assert build_steps("text_only", {"text": 2}) == [Step(T_, "W_up", 1), Step(T_, "W_up", 0)]
+    assert build_steps("modality_interleaved", LN, freeze_proj=False) == [
+        Step(V, "W_p", None), Step(T_, "W_p", None), Step(V, "W_up", 1), Step(T_, "W_up", 1),
+        Step(V, "W_up", 0), Step(T_, "W_up", 0)]
+    # towers of different depth: the deeper one's remaining layers follow
+    assert build_steps("modality_interleaved", {"visual": 3, "text": 1}) == [
+        Step(V, "W_up", 2), Step(T_, "W_up", 0), Step(V, "W_up", 1), Step(V, "W_up", 0)]
+    assert get_searcher("layer_exhaustive").exhaustive
+    assert build_steps("layer_exhaustive", LN) == build_steps("visual_text", LN)
+
+
+def test_several_weight_types_per_layer():
+    assert build_steps("visual_only", LN, ["W_q", "W_down"]) == [
+        Step(V, "W_q", 1), Step(V, "W_down", 1), Step(V, "W_q", 0), Step(V, "W_down", 0)]
+
+
+@pytest.mark.parametrize("types, match", [(["W_x"], "valid weight types: W_q, W_k, W_v, W_o, W_up, W_down"),
+                                          (["W_p"], "FREEZE_PROJ"), ([], "at least one"),
+                                          (["W_up", "W_up"], "twice")])
+def test_bad_weight_types(types, match):
+    with pytest.raises(ValueError, match=match):
+        build_steps("visual_text", LN, types)
+
+
+# ------------------------------------------------------------------------------------ search
+def _search(data, mode, **kw):
+    model = tiny(kw.pop("arch", "tiny-vit"))
+    kw.setdefault("ratios", [0.0, 0.1, 0.3, 0.5, 0.7])
+    kw.setdefault("top_k", 2)
+    kw.setdefault("lam", 0.5)
+    return model, run_search(model, data, mode=mode, verbose=False, **kw)
+
+
+def _same(fast, naive):
+    assert fast.settings == naive.settings
+    assert len(fast.log) == len(naive.log)
+    for a, b in zip(fast.log, naive.log):
+        assert (a["step"], a["tower"], a["weight_type"], a["layer"], a["ratio"], a["chosen"]) == \
+               (b["step"], b["tower"], b["weight_type"], b["layer"], b["ratio"], b["chosen"])
+        for k in ("criterion", "loss", "loss_id", "loss_ood", "acc", "auroc", "aupr", "fpr95"):
+            if k in a:
+                assert a[k] == pytest.approx(b[k], abs=1e-6, rel=1e-6), (a, b)
+    assert fast.final == pytest.approx(naive.final, rel=1e-6)
+
+
+@pytest.mark.parametrize("searcher, freeze_proj, types", [
+    ("visual_text", False, ["W_up", "W_q"]),
+    ("text_visual", True, ["W_down"]),
+    ("modality_interleaved", False, ["W_up"]),
+    ("layer_exhaustive", False, ["W_up"]),
+])
+def test_fast_equals_naive(data, searcher, freeze_proj, types):
+    _, fast = _search(data, "fast", searcher=searcher, freeze_proj=freeze_proj, weight_types=types)
+    _, naive = _search(data, "naive", searcher=searcher, freeze_proj=freeze_proj, weight_types=types)
+    _same(fast, naive)
+    assert any(s[3] > 0 for s in fast.settings)  # the test exercises commits, not only ratio 0
+    assert fast.counters["visual_layer_passes"] < naive.counters["visual_layer_passes"]
+    assert fast.counters["text_layer_passes"] < naive.counters["text_layer_passes"]
+    assert naive.counters["candidates_reused"] == 0
+
+
+def test_fast_equals_naive_metric_criterion(data):
+    for crit in ("auroc", "fpr95"):
+        _, fast = _search(data, "fast", criterion=crit, score="GL-MCM", freeze_proj=False)
+        _, naive = _search(data, "naive", criterion=crit, score="GL-MCM", freeze_proj=False)
+        _same(fast, naive)
+        assert {"auroc", "aupr", "fpr95"} <= set(fast.log[0])
+
+
+def test_fast_equals_naive_with_learned_prompts(data):
+    from locoop.trainers.prompt_learner import PromptLearner
+
+    torch.manual_seed(1)
+    model = tiny()
+    pl = PromptLearner([f"thing{i}" for i in range(C)], model, n_ctx=4)
+    text = TextInputs(embeddings=pl().detach(), eot_idx=pl.eot_idx, chunk_size=4)
+    d = SearchData(data.id_batches, text)
+    _, fast = _search(d, "fast")
+    _, naive = _search(d, "naive")
+    _same(fast, naive)
+
+
+def test_resnet_text_only(data):
+    d = SearchData([(im.new_zeros(im.shape[0], 3, 64, 64) + im.mean(), lbl) for im, lbl in data.id_batches],
+                   data.text)
+    _, fast = _search(d, "fast", arch="tiny-rn", searcher="text_only")
+    _, naive = _search(d, "naive", arch="tiny-rn", searcher="text_only")
+    _same(fast, naive)
+    with pytest.raises(ValueError, match="ModifiedResNet"):
+        _search(d, "fast", arch="tiny-rn", searcher="visual_text")
+
+
+def test_greedy_selection_rule(data):
+    _, res = _search(data, "fast", freeze_proj=False)
+    incumbent = math.inf
+    for i, setting in enumerate(res.settings):
+        rows = [r for r in res.log if r["step"] == i]
+        assert [r["ratio"] for r in rows] == [0.0, 0.1, 0.3, 0.5, 0.7]
+        # ratio 0 is the incumbent (the unpruned model at step 0)
+        assert rows[0]["criterion"] == (res.baseline if i == 0 else incumbent)
+        best = min(rows, key=lambda r: (r["criterion"], r["ratio"]))  # smallest ratio on ties
+        assert setting == [best["tower"], best["weight_type"], best["layer"], best["ratio"]]
+        assert [r["chosen"] for r in rows].count(True) == 1 and best["chosen"]
+        incumbent = best["criterion"]
+    assert res.final == incumbent <= res.baseline
+    assert [s[:3] for s in res.settings] == [list(s) for s in build_steps("visual_text", LN, freeze_proj=False)]
+
+
+def test_final_model_has_the_settings_applied(data):
+    model, res = _search(data, "fast")
+    fresh = tiny()
+    apply_settings(LowRankEditor(fresh), res.settings)
+    for (a, pa), (b, pb) in zip(model.named_parameters(), fresh.named_parameters()):
+        assert a == b and torch.equal(pa, pb)
+    # the reported final criterion is the pruned model's criterion
+    check = run_search(fresh, data, ratios=[0.0], top_k=2, lam=0.5, mode="naive", verbose=False)
+    assert check.baseline == pytest.approx(res.final, rel=1e-6)
+
+
+def test_outputs_written(data, tmp_path):
+    _, res = _search(data, "fast", output_dir=tmp_path)
+    rows = (tmp_path / "search_log.csv").read_text().strip().splitlines()
+    assert rows[0].startswith("step,tower,weight_type,layer,ratio,n_removed,criterion,loss,loss_id,loss_ood,acc")
+    assert len(rows) == 1 + len(res.log) == 1 + 4 * 5
+    assert json.loads((tmp_path / "search_log.json").read_text())[3]["ratio"] == 0.5
+    assert [list(s) for s in load_settings(tmp_path / "best_settings.json")] == res.settings
+    summary = json.loads((tmp_path / "search_summary.json").read_text())
+    assert summary["mode"] == "fast" and summary["final"] == res.final
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"criterion": "auroc", "no_ood": True}, "needs OOD validation images"),
+    ({"criterion": "accuracy"}, "valid criteria: loss"),
+    ({"top_k": 7}, r"top-K 7 .* 1\.\.6"),
+    ({"mode": "quick"}, "valid modes: fast, naive"),
+    ({"ratios": [0.1, 1.2]}, r"not in \[0, 1\)"),
+    ({"ratios": [0.995]}, "all of them"),
+    ({"prune_type": "minor"}, "valid prune types"),
+    ({"searcher": "greedy"}, "valid searchers"),
+    ({"weight_types": ["W_z"]}, "valid weight types"),
+])
+def test_bad_input_is_refused_before_work(data, kw, match):
+    if kw.pop("no_ood", False):
+        data = SearchData(data.id_batches, data.text)
+    mode = kw.pop("mode", "fast")
+    with pytest.raises(ValueError, match=match):
+        _search(data, mode, **kw)
+
+
+def test_check_ratios():
+    assert check_ratios([0.4, 0.1, 0.1]) == [0.0, 0.1, 0.4]  # 0 always included, sorted, unique
+    assert check_ratios([0, 0.05]) == [0.0, 0.05]
+
+
+# ------------------------------------------------------------------------------------ settings
+def test_settings_round_trip(tmp_path):
+    settings = [["visual", "W_up", 1, 0.35], ["visual", "W_up", 0, 0.0], ["text", "W_p", None, 0.1]]
+    path = save_settings(tmp_path / "s.json", settings)
+    text = path.read_text()
+    assert json.loads(text) == settings and '"text", "W_p", null, 0.1' in text
+    model = tiny()
+    assert [list(s) for s in load_settings(path, model)] == settings
+    ed = LowRankEditor(model)
+    apply_settings(ed, load_settings(path))
+    assert ed.applied == {("visual", "W_up", 1): 0.35, ("text", "W_p", None): 0.1}
+
+
+@pytest.mark.parametrize("settings, match", [
+    ([["vision", "W_up", 0, 0.1]], "unknown tower 'vision'; valid towers: visual, text"),
+    ([["visual", "W_mlp", 0, 0.1]], "unknown weight type 'W_mlp'; valid weight types: W_q"),
+    ([["visual", "W_up", 5, 0.1]], r"layer index in 0\.\.1"),
+    ([["visual", "W_up", "5", 0.1]], "block index"),
+    ([["visual", "W_up", 0, 1.0]], r"\[0, 1\)"),
+    ([["visual", "W_up", 0, 0.999]], "all of them"),
+    ([["text", "W_p", 3, 0.1]], "W_p has no layer"),
+    ([["visual", "W_up", 0, 0.1], ["visual", "W_up", 0, 0.2]], "already set by entry 0"),
+    ([["visual", "W_up", 0]], r"\[tower, weight_type, layer, ratio\]"),
+    ({"visual": 1}, "expected a list"),
+])
+def test_settings_validation(settings, match):
+    with pytest.raises(ValueError, match=match):
+        validate_settings(settings, tiny(), source="best_settings.json")
+
+
+def test_settings_file_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="setar-search"):
+        load_settings(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("[[1, 2")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_settings(bad)
+    bad.write_text('"visual"')
+    with pytest.raises(ValueError, match="expected a list"):
+        load_settings(bad)
