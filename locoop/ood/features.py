@@ -1,0 +1,219 @@
+"""Image features of a data set, extracted once, and scores computed from them.
+
+One extraction function serves the OOD benchmark, SeTAR and the feature cache, so every
+consumer sees the same features: CLIP's projected global feature and the per-patch local
+features (LoCoOp's value path), both L2-normalised in float32. Local features are stored in
+float16 by default (values in [-1, 1]; 196 x 512 x 2 bytes = 200 KB per ViT-B/16 image) and
+converted back to float32 for every computation.
+
+Scores only need the text side on top: :func:`iter_similarities` turns features into cosine
+similarities chunk by chunk (never the whole ``[N, P, C]`` local tensor at once) and
+:func:`score_features` feeds the chunks to :func:`locoop.ood.scores.compute_scores`.
+"""
+from __future__ import annotations
+
+import sys
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = ["FeatureSet", "extract_features", "normalize_text_features", "iter_similarities", "score_features"]
+
+Device = Union[str, torch.device]
+
+# Elements (rows x patches x classes) per similarity chunk: 16M float32 = 64 MiB per temporary.
+DEFAULT_CHUNK_ELEMENTS = 1 << 24
+
+
+@dataclass
+class FeatureSet:
+    """Features of one data set, in loader order.
+
+    Attributes:
+        global_feats: ``[N, D]`` float32, L2-normalised (CPU).
+        local_feats: ``[N, P, D]`` L2-normalised per-patch features (``local_dtype``, CPU), or None.
+        labels: ``[N]`` int64 labels (-1 for OOD sets).
+        impaths: the N image paths.
+        skipped: number of unreadable images the loader dropped.
+        skipped_paths: path -> reason of those images.
+    """
+
+    global_feats: torch.Tensor
+    local_feats: Optional[torch.Tensor]
+    labels: torch.Tensor
+    impaths: List[str]
+    skipped: int = 0
+    skipped_paths: Dict[str, str] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.global_feats.shape[0])
+
+    @property
+    def has_local(self) -> bool:
+        return self.local_feats is not None
+
+    @property
+    def num_patches(self) -> int:
+        return 0 if self.local_feats is None else int(self.local_feats.shape[1])
+
+
+def _autocast(device: torch.device, amp: bool):
+    if amp and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.float16)
+    return nullcontext()
+
+
+@torch.inference_mode()
+def extract_features(clip_model: torch.nn.Module, loader: Iterable[dict], device: Device = "cpu",
+                     with_local: bool = True, amp: bool = False, local_dtype: torch.dtype = torch.float16,
+                     progress: Optional[bool] = None, desc: str = "features") -> FeatureSet:
+    """Encode every image of ``loader`` once: normalised global (and local) features.
+
+    Args:
+        clip_model: a CLIP model with ``encode_image(images, return_local=...)`` (ours, or a
+            pruned copy). It is not switched to eval mode here; callers pass an eval model.
+        loader: yields batch dicts with ``img`` [B, 3, H, W], ``label`` [B], ``impath`` (the
+            data layer's loaders; their ``skipped`` attribute is read afterwards).
+        device: where the model runs; batches are moved there (non-blocking).
+        with_local: also keep the per-patch features (needed by L-MCM / GL-MCM and LoCoOp's loss).
+        amp: autocast to float16 on CUDA (ignored on CPU).
+        local_dtype: storage dtype of the local features (float16 halves the memory).
+        progress: show a tqdm bar (None: only when stderr is a terminal).
+        desc: progress-bar label.
+
+    Returns:
+        A :class:`FeatureSet` on the CPU.
+
+    Raises:
+        ValueError: the loader yielded no images at all.
+    """
+    from tqdm import tqdm
+
+    device = torch.device(device)
+    if progress is None:
+        progress = sys.stderr.isatty()
+    globals_: List[torch.Tensor] = []
+    locals_: List[torch.Tensor] = []
+    labels: List[torch.Tensor] = []
+    paths: List[str] = []
+    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        images = batch["img"].to(device, non_blocking=True)
+        with _autocast(device, amp):
+            out = clip_model.encode_image(images, return_local=with_local)
+        glob, loc = out if with_local else (out, None)
+        # Normalise in float32: fp16 norms of 512-d vectors lose digits the scores can see.
+        globals_.append(F.normalize(glob.float(), dim=-1).cpu())
+        if loc is not None:
+            locals_.append(F.normalize(loc.float(), dim=-1).to(local_dtype).cpu())
+        labels.append(torch.as_tensor(batch["label"]).long().cpu())
+        paths.extend(batch["impath"])
+    skipped_paths = dict(getattr(loader, "skipped", {}) or {})
+    if not globals_:
+        where = f" ({len(skipped_paths)} unreadable images skipped)" if skipped_paths else ""
+        raise ValueError(f"the data loader yielded no images{where}; nothing to encode")
+    return FeatureSet(
+        global_feats=torch.cat(globals_),
+        local_feats=torch.cat(locals_) if with_local else None,
+        labels=torch.cat(labels),
+        impaths=paths,
+        skipped=len(skipped_paths),
+        skipped_paths=skipped_paths,
+    )
+
+
+def normalize_text_features(text_features: torch.Tensor) -> torch.Tensor:
+    """``[C, D]`` text features as L2-normalised float32 (idempotent for normalised input).
+
+    Raises:
+        ValueError: not a 2-D tensor.
+    """
+    if not isinstance(text_features, torch.Tensor) or text_features.ndim != 2:
+        shape = tuple(text_features.shape) if isinstance(text_features, torch.Tensor) else type(text_features).__name__
+        raise ValueError(f"text_features must be a [C, D] tensor, got {shape}")
+    return F.normalize(text_features.detach().float(), dim=-1)
+
+
+def _rows_per_chunk(features: FeatureSet, num_classes: int, use_local: bool, chunk_elements: int) -> int:
+    per_row = num_classes * (1 + (features.num_patches if use_local else 0))
+    return max(1, int(chunk_elements) // max(1, per_row))
+
+
+@torch.inference_mode()
+def iter_similarities(features: FeatureSet, text_features: torch.Tensor, use_local: bool = True,
+                      device: Optional[Device] = None, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+                      ) -> Iterator[Tuple[int, int, torch.Tensor, Optional[torch.Tensor]]]:
+    """Cosine similarities with the class texts, in row chunks.
+
+    Args:
+        features: image features (normalised).
+        text_features: ``[C, D]`` class text features (normalised here again, in float32).
+        use_local: also yield the local similarities ``[n, P, C]``.
+        device: where to compute (default: the text features' device).
+        chunk_elements: bound on rows x (1 + P) x C per chunk.
+
+    Yields:
+        ``(lo, hi, global_sim [n, C], local_sim [n, P, C] or None)`` float32, rows ``lo:hi``.
+
+    Raises:
+        ValueError: feature dimensions differ, or local similarities asked without local features.
+    """
+    text = normalize_text_features(text_features)
+    dev = torch.device(device) if device is not None else text.device
+    text = text.to(dev)
+    d = features.global_feats.shape[1]
+    if text.shape[1] != d:
+        raise ValueError(f"text features have dimension {text.shape[1]} but image features {d}; "
+                         "they must come from the same CLIP model")
+    if use_local and not features.has_local:
+        raise ValueError("local similarities requested but the features were extracted with with_local=False")
+    text_t = text.t().contiguous()
+    step = _rows_per_chunk(features, text.shape[0], use_local, chunk_elements)
+    n = len(features)
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        g = features.global_feats[lo:hi].to(dev, torch.float32) @ text_t
+        loc = None
+        if use_local:
+            loc = features.local_feats[lo:hi].to(dev, torch.float32) @ text_t
+        yield lo, hi, g, loc
+
+
+def score_features(features: FeatureSet, text_features: torch.Tensor, names: Optional[Sequence[str]] = None,
+                   T: float = 1.0, logit_scale: float = 100.0, lambda_local: float = 1.0,
+                   device: Optional[Device] = None, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+                   ) -> Tuple[Dict[str, np.ndarray], np.ndarray]:
+    """OOD scores of every image (higher = more ID) and the predicted classes.
+
+    Args:
+        features: image features; local ones are needed when a local score is asked for.
+        text_features: ``[C, D]`` class text features.
+        names: score names (``locoop.ood.scores.list_scores()``); None = all the features allow.
+        T: softmax temperature on the cosine similarity.
+        logit_scale: CLIP's logit scale (only ``energy-logit`` uses it).
+        lambda_local: weight of L-MCM inside GL-MCM.
+        device: where to compute (default: the text features' device).
+        chunk_elements: bound on the size of each similarity chunk.
+
+    Returns:
+        ``({score: float32 array [N]}, predictions int64 [N])``.
+
+    Raises:
+        ValueError: unknown score, a local score without local features, NaN/inf scores.
+    """
+    from locoop.ood.scores import compute_scores, get_score, resolve_score_names
+
+    resolved = resolve_score_names(names, have_local=features.has_local)
+    use_local = any(get_score(n).needs_local for n in resolved)
+    n = len(features)
+    out = {name: np.empty(n, dtype=np.float32) for name in resolved}
+    preds = np.empty(n, dtype=np.int64)
+    for lo, hi, g, loc in iter_similarities(features, text_features, use_local, device, chunk_elements):
+        part = compute_scores(g, loc, resolved, T=T, logit_scale=logit_scale, lambda_local=lambda_local)
+        for name, v in part.items():
+            out[name][lo:hi] = v
+        preds[lo:hi] = g.argmax(dim=-1).cpu().numpy()
+    return out, preds
