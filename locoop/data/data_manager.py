@@ -1,8 +1,9 @@
 """Dataset construction and data loaders (Dassl's ``build_dataset``, ``build_data_loader``, ``DataManager``).
 
-Loaders are deterministic for a seed: the shuffling order and the worker seeds (hence the random
-augmentations) come from one ``torch.Generator`` seeded with ``cfg.SEED`` (or, when the run is not
-seeded, drawn from torch's global generator, so ``torch.manual_seed`` alone also fixes them).
+Loaders are deterministic for a seed: each epoch's order and every image's augmentation come from
+a generator seeded with ``(cfg.SEED, epoch)`` (when the run is not seeded, the loader seed is drawn
+from torch's global generator, so ``torch.manual_seed`` alone also fixes it). The same seed gives the
+same batches with 0 or N workers, and a resumed run gets the same epochs after ``set_epoch``.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, RandomSampler, Sampler, SequentialSampler
 
 from ..engine.registry import DATASET_REGISTRY
 from .datum import DatasetBase, Datum
@@ -23,6 +24,36 @@ from .transforms import build_transform
 _SAMPLERS = {"RandomSampler": True, "SequentialSampler": False}
 
 
+def _mix(seed: int, epoch: int, stream: int = 0) -> int:
+    """A 63-bit seed for (seed, stream, epoch); distinct values give unrelated generators."""
+    if epoch < 0:
+        raise ValueError(f"epoch must be >= 0, got {epoch}")
+    return int(np.random.SeedSequence([int(seed) % 2**63, int(stream), int(epoch)]).generate_state(2, np.uint32)
+               .astype(np.uint64).dot([1, 2**32])) % 2**63
+
+
+class SeededSampler(Sampler):
+    """Wraps a sampler so it yields ``(index, per-sample seed)`` pairs.
+
+    The order (for a random base sampler) and the seeds come from one generator that the loader
+    reseeds at every epoch, so an epoch's batches and augmentations depend only on the loader
+    seed and the epoch number: not on the number of workers, on persistent workers, or on
+    whether the run was resumed.
+    """
+
+    def __init__(self, base: Sampler, generator: torch.Generator) -> None:
+        self.base = base
+        self.generator = generator
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __iter__(self):
+        seeds = torch.randint(0, 2**62, (len(self.base),), generator=self.generator, dtype=torch.int64).tolist()
+        for i, idx in enumerate(self.base):
+            yield int(idx), seeds[i]
+
+
 class SkippingDataLoader(DataLoader):
     """A ``DataLoader`` that drops unreadable images, warns once per file and counts them.
 
@@ -30,19 +61,41 @@ class SkippingDataLoader(DataLoader):
     here in the main process, so the count is complete with any number of workers. A batch
     whose every image was unreadable is not yielded.
 
+    Built by :func:`build_data_loader` with a :class:`SeededSampler`: every pass over the loader
+    is one epoch, seeded from ``(base_seed, epoch)``; epochs count from 0 and
+    :meth:`set_epoch` sets the next one (call it when resuming, or at every epoch start).
+
     Attributes:
         skipped: image path -> reason, for every unreadable image met so far.
+        base_seed: the loader's seed.
     """
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, base_seed: int = 0, sampler_generator: Optional[torch.Generator] = None,
+                 **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.skipped: dict = {}
+        self.base_seed = int(base_seed)
+        self._sampler_generator = sampler_generator
+        self._next_epoch = 0
 
     @property
     def num_skipped(self) -> int:
         return len(self.skipped)
 
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next pass epoch ``epoch`` (as ``DistributedSampler.set_epoch``)."""
+        if int(epoch) < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        self._next_epoch = int(epoch)
+
     def __iter__(self):
+        epoch = self._next_epoch
+        self._next_epoch += 1
+        if self._sampler_generator is not None:
+            self._sampler_generator.manual_seed(_mix(self.base_seed, epoch))
+        base = getattr(self.sampler, "base", None)
+        if hasattr(base, "set_epoch"):  # DistributedSampler
+            base.set_epoch(epoch)
         for batch in super().__iter__():
             for path, reason in zip(batch["skipped"], batch["skip_reasons"]):
                 if path not in self.skipped:
@@ -82,9 +135,10 @@ def build_data_loader(
             holds at least one full batch, as Dassl) or evaluation loader (ordered, keeps all).
         num_workers: worker processes (``persistent_workers`` when > 0).
         drop_last: override the default above.
-        sampler: an explicit sampler (e.g. ``DistributedSampler``); disables ``shuffle``.
-        seed: seed of the loader's generator (shuffling order and worker seeds); ``None`` draws
-            it from torch's global generator.
+        sampler: an explicit index sampler (e.g. ``DistributedSampler(data_source)``); replaces
+            ``shuffle``. Its ``set_epoch`` is called at every epoch.
+        seed: the loader seed (order and augmentations of every epoch); ``None`` draws it from
+            torch's global generator.
         strict: raise on an unreadable image instead of skipping it.
         shuffle: override the default (``is_train``).
 
@@ -96,26 +150,33 @@ def build_data_loader(
     if int(batch_size) < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
     if shuffle is None:
-        shuffle = bool(is_train) and sampler is None
+        shuffle = bool(is_train)
     if drop_last is None:
         drop_last = bool(is_train) and len(data_source) >= batch_size
-    generator = torch.Generator()
     if seed is None or seed < 0:
         seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
-    generator.manual_seed(int(seed))
+    sampler_generator = torch.Generator()
+    if sampler is None:
+        sampler = (RandomSampler(range(len(data_source)), generator=sampler_generator) if shuffle
+                   else SequentialSampler(range(len(data_source))))
+    # The loader's own generator only seeds the workers' global generators (Python/NumPy via
+    # seed_worker); every random choice of ours comes from the per-sample seeds.
+    loader_generator = torch.Generator()
+    loader_generator.manual_seed(_mix(seed, 0, stream=1))
     num_workers = int(num_workers)
     return SkippingDataLoader(
         DatasetWrapper(data_source, tfm, strict=strict),
         batch_size=int(batch_size),
-        shuffle=shuffle,
-        sampler=sampler,
+        sampler=SeededSampler(sampler, sampler_generator),
         num_workers=num_workers,
         drop_last=drop_last,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=num_workers > 0,
         collate_fn=collate_skipping,
         worker_init_fn=seed_worker,
-        generator=generator,
+        generator=loader_generator,
+        base_seed=seed,
+        sampler_generator=sampler_generator,
     )
 
 

@@ -147,7 +147,10 @@ def load_fewshot_split(path: str, dataset_dir: str) -> dict:
             an image it lists no longer exists.
     """
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns about the pickle protocol of foreign files; the error below says it all.
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises UnpicklingError/RuntimeError/EOFError/... for foreign files
         raise ValueError(
             f"{path} is not a few-shot split written by this framework ({type(err).__name__}: "

@@ -95,6 +95,8 @@ class DatasetWrapper(Dataset):
     """Torch dataset over a list of :class:`Datum` returning Dassl-style sample dicts.
 
     Each sample is ``{"img": tensor, "label": int, "domain": int, "impath": str, "index": int}``.
+    Indexing with ``(index, seed)`` runs the transform under ``torch.manual_seed(seed)`` (in a forked
+    generator state), which makes random augmentations reproducible in any process.
     For an unreadable image it returns a skip marker instead (see the module docstring), or
     raises :class:`UnreadableImageError` when ``strict``.
 
@@ -113,7 +115,10 @@ class DatasetWrapper(Dataset):
     def __len__(self) -> int:
         return len(self.data_source)
 
-    def __getitem__(self, idx: int) -> dict:
+    def __getitem__(self, key) -> dict:
+        # ``key`` is an index, or ``(index, seed)`` from a SeededSampler: the transform then draws
+        # its randomness from ``seed`` alone, whatever process runs it.
+        idx, seed = key if isinstance(key, tuple) else (key, None)
         item = self.data_source[idx]
         try:
             img = read_image(item.impath)
@@ -128,7 +133,12 @@ class DatasetWrapper(Dataset):
                 ) from err
             return {_SKIP_KEY: True, "impath": item.impath, "reason": reason, "index": idx}
         if self.transform is not None:
-            img = self.transform(img)
+            if seed is None:
+                img = self.transform(img)
+            else:
+                with torch.random.fork_rng(devices=[]):  # leave the caller's CPU generator untouched
+                    torch.manual_seed(seed)
+                    img = self.transform(img)
         return {"img": img, "label": item.label, "domain": item.domain, "impath": item.impath, "index": idx}
 
 
