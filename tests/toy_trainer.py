@@ -27,7 +27,7 @@ if __name__ == "__main__":  # running as a script from anywhere: make the reposi
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from locoop.config import get_cfg_default  # noqa: E402
-from locoop.engine import TRAINER_REGISTRY, TrainerX, build_lr_scheduler, build_optimizer  # noqa: E402
+from locoop.engine import TRAINER_REGISTRY, TrainerX, build_lr_scheduler, build_optimizer, seed_worker  # noqa: E402
 
 N_FEAT, N_CLASSES, N_TRAIN, N_TEST = 8, 3, 64, 30
 
@@ -85,13 +85,17 @@ class ToyTrainer(TrainerX):
     """MLP with dropout; ``use_generator`` gives the train loader its own torch.Generator."""
 
     use_generator = False
+    num_workers = 0
+    persistent_workers = False
 
     def build_data_loader(self) -> None:
         x, y = make_data(N_TRAIN, seed=0)
         xt, yt = make_data(N_TEST, seed=1)
         gen = torch.Generator() if self.use_generator else None
         self.train_loader_x = DataLoader(DictDataset(x, y, augment=True), batch_size=self.cfg.DATALOADER.TRAIN_X.BATCH_SIZE,
-                                         shuffle=True, generator=gen, num_workers=0)
+                                         shuffle=True, generator=gen, num_workers=self.num_workers,
+                                         worker_init_fn=seed_worker if self.num_workers else None,
+                                         persistent_workers=self.persistent_workers)
         self.val_loader = None
         self.test_loader = DataLoader(DictDataset(xt, yt, augment=False), batch_size=self.cfg.DATALOADER.TEST.BATCH_SIZE)
         self.num_classes = N_CLASSES
@@ -139,6 +143,13 @@ class GenToyTrainer(ToyTrainer):
     """ToyTrainer whose train loader has its own torch.Generator."""
 
     use_generator = True
+
+
+@TRAINER_REGISTRY.register()
+class WorkerToyTrainer(GenToyTrainer):
+    """Two (non-persistent) loader workers doing the random augmentation."""
+
+    num_workers = 2
 
 
 def main(argv=None) -> int:

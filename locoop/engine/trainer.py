@@ -22,6 +22,7 @@ import os
 import os.path as osp
 import sys
 import time
+import warnings
 from collections import OrderedDict
 from contextlib import nullcontext
 from typing import Any, Iterable, Optional, Union
@@ -520,6 +521,11 @@ class SimpleTrainer(TrainerBase):
                 s.set_epoch(self.epoch)
         if self.cfg.SEED < 0:
             return
+        if getattr(loader, "persistent_workers", False) and getattr(loader, "num_workers", 0) > 0 \
+                and not getattr(self, "_warned_persistent", False):
+            self._warned_persistent = True
+            warnings.warn("The training loader uses persistent_workers: its workers' RNG states live across epochs "
+                          "and are not in checkpoints, so a resumed run will not repeat the augmentations exactly.")
         gens = {}
         for g in (getattr(loader, "generator", None), getattr(sampler, "generator", None)):
             if isinstance(g, torch.Generator):
