@@ -211,3 +211,23 @@ def test_dump_and_load_round_trip(tmp_path):
     back = load_cfg(path)
     assert cfg_to_dict(back) == cfg_to_dict(c)
     assert back.INPUT.SIZE == (224, 224)
+
+
+def test_dassl_style_method_calls_use_checked_merge(tmp_path):
+    c = get_cfg_default()
+    p = tmp_path / "m.yaml"
+    p.write_text("OPTIM:\n  LR: 0.5\n")
+    c.merge_from_file(str(p))  # what Dassl-based scripts call
+    c.merge_from_list(["OPTIM.MAX_EPOCH", "3"])
+    assert (c.OPTIM.LR, c.OPTIM.MAX_EPOCH) == (0.5, 3)
+    with pytest.raises(ConfigKeyError) as e:
+        c.merge_from_list(["OPTIM.MAX_EPOCHS", "3"])
+    assert "OPTIM.MAX_EPOCH" in str(e.value).split("Did you mean:")[1]
+    c.freeze()
+    with pytest.raises(ConfigError) as e:
+        c.merge_from_list(["SEED", "1"])
+    assert "frozen" in str(e.value)
+    d = c.clone()
+    d.defrost()
+    merge_from_list(d, ["SEED", "1"])
+    assert d.SEED == 1 and c.SEED == -1

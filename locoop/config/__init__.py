@@ -19,9 +19,9 @@ import os
 from typing import Any, Mapping, Optional, Sequence
 
 import yaml
-from yacs.config import CfgNode
+from yacs.config import CfgNode as _YacsCfgNode
 
-from .defaults import get_cfg_default
+from .defaults import CfgNode, get_cfg_default
 
 __all__ = [
     "CfgNode",
@@ -93,7 +93,7 @@ def all_keys(cfg: CfgNode, prefix: str = "") -> list[str]:
     out = []
     for k, v in cfg.items():
         full = f"{prefix}{k}"
-        if isinstance(v, CfgNode):
+        if isinstance(v, _YacsCfgNode):
             out.extend(all_keys(v, full + "."))
         else:
             out.append(full)
@@ -201,6 +201,9 @@ def merge_from_dict(cfg: CfgNode, data: Mapping[str, Any], source: str = "a dict
         ConfigKeyError: unknown key; ConfigTypeError: value of the wrong type.
     """
     root = cfg if _root is None else _root
+    if _root is None and cfg.is_frozen():  # item assignment would bypass yacs' frozen guard
+        raise ConfigError("The config is frozen (setup_cfg freezes it); merge before freeze(), or into "
+                          "c = cfg.clone(); c.defrost().")
     if not isinstance(data, Mapping):
         raise ConfigError(f"Expected a mapping of config keys ({source}), got {type(data).__name__}.")
     for key, raw in data.items():
@@ -208,11 +211,11 @@ def merge_from_dict(cfg: CfgNode, data: Mapping[str, Any], source: str = "a dict
         full_key = f"{_prefix}{key}"
         if key not in cfg:
             if cfg.is_new_allowed():
-                cfg[key] = CfgNode(raw) if isinstance(raw, dict) else _decode(raw)
+                cfg[key] = type(cfg)(dict(raw)) if isinstance(raw, Mapping) else _decode(raw)
                 continue
             raise _unknown_key_error(full_key, root, source)
         default = cfg[key]
-        if isinstance(default, CfgNode):
+        if isinstance(default, _YacsCfgNode):
             if not isinstance(raw, Mapping):
                 raise ConfigTypeError(
                     f"Config key '{full_key}' is a section ({source}); set its sub-keys instead, "
@@ -246,7 +249,7 @@ def _set_key(cfg: CfgNode, full_key: str, raw: Any, source: str) -> None:
     parts = full_key.split(".")
     node: Any = cfg
     for part in parts:
-        if not isinstance(node, CfgNode):
+        if not isinstance(node, _YacsCfgNode):
             break  # a leaf followed by more parts: merge_from_dict explains it
         if part not in node:
             if node.is_new_allowed():
@@ -368,7 +371,7 @@ def cfg_to_dict(cfg: CfgNode) -> dict:
     """Convert a config to plain nested dicts (tuples become lists), e.g. for JSON results."""
     out = {}
     for k, v in cfg.items():
-        if isinstance(v, CfgNode):
+        if isinstance(v, _YacsCfgNode):
             out[k] = cfg_to_dict(v)
         elif isinstance(v, tuple):
             out[k] = list(v)

@@ -16,9 +16,30 @@ will pass (merging checks types against the default) and a comment.
 """
 from __future__ import annotations
 
-from yacs.config import CfgNode as CN
+from yacs.config import CfgNode as _YacsCfgNode
 
-__all__ = ["get_cfg_default"]
+__all__ = ["CfgNode", "get_cfg_default"]
+
+
+class CfgNode(_YacsCfgNode):
+    """yacs ``CfgNode`` whose ``merge_from_file`` / ``merge_from_list`` use this project's checked merge.
+
+    So Dassl-style scripts calling ``cfg.merge_from_file(path)`` get the helpful unknown-key and
+    type errors of :mod:`locoop.config` instead of yacs' terse ones.
+    """
+
+    def merge_from_file(self, cfg_filename: str) -> None:
+        from . import merge_from_file
+
+        merge_from_file(self, cfg_filename)
+
+    def merge_from_list(self, cfg_list: list) -> None:
+        from . import merge_from_list
+
+        merge_from_list(self, cfg_list)
+
+
+CN = CfgNode
 
 
 def _add_general(c: CN) -> None:

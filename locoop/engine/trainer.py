@@ -542,6 +542,9 @@ class TrainerX(SimpleTrainer):
         losses = MetricMeter()
         batch_time = AverageMeter()
         data_time = AverageMeter()
+        if getattr(self, "train_loader_x", None) is None:
+            raise ValueError("No training data: the dataset has no training images (check DATASET.ROOT, DATASET.NAME "
+                             "and the train folder), or this trainer is meant for evaluation only.")
         self.num_batches = len(self.train_loader_x)
         if self.num_batches == 0:
             raise ValueError("The training loader is empty: no training images (check DATASET.ROOT / NUM_SHOTS) "
