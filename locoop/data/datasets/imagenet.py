@@ -168,8 +168,9 @@ class ImageNet(DatasetBase):
             val = test
 
         names = classes.names
+        kept = list(range(len(names)))
         if subsample != "all":
-            kept = select_subsample_labels(range(len(names)), subsample)
+            kept = select_subsample_labels(kept, subsample)
             train_x, val, test = subsample_classes(train_x, val, test, subsample=subsample, num_classes=len(names))
             names = [names[i] for i in kept]
 
@@ -178,4 +179,4 @@ class ImageNet(DatasetBase):
         self.classnames_hash = classes.sha256
         self.split_file, self.split_hash = split_file, split_hash
         self.val_split_file, self.val_split_hash = val_split_file, val_split_hash
-        self.class_keys = [classes.keys[i] for i in (kept if subsample != "all" else range(len(classes.keys)))]
+        self.class_keys = [classes.keys[i] for i in kept]
