@@ -1,5 +1,4 @@
 """Optimisers, schedulers (hand-computed LR sequences), the toy trainer loop, logging, evaluator, seeds."""
-import io
 import math
 import os
 import random
