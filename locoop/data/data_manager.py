@@ -33,22 +33,37 @@ def _mix(seed: int, epoch: int, stream: int = 0) -> int:
 
 
 class SeededSampler(Sampler):
-    """Wraps a sampler so it yields ``(index, per-sample seed)`` pairs.
+    """Wraps an index sampler so it yields ``(index, per-sample seed)`` pairs, one epoch per pass.
 
-    The order (for a random base sampler) and the seeds come from one generator that the loader
-    reseeds at every epoch, so an epoch's batches and augmentations depend only on the loader
-    seed and the epoch number: not on the number of workers, on persistent workers, or on
-    whether the run was resumed.
+    At the start of every pass the generator is reseeded from ``(base_seed, epoch)``; the order
+    (for a random base sampler) and the per-sample seeds are then drawn from it. An epoch's
+    batches and augmentations therefore depend only on the seed and the epoch number: not on the
+    number of workers, on persistent workers, or on whether the run was resumed. Epochs count
+    from 0; :meth:`set_epoch` sets the next one (as ``DistributedSampler.set_epoch``, and it is
+    forwarded to a base sampler that has it).
     """
 
-    def __init__(self, base: Sampler, generator: torch.Generator) -> None:
+    def __init__(self, base: Sampler, generator: torch.Generator, base_seed: int) -> None:
         self.base = base
         self.generator = generator
+        self.base_seed = int(base_seed)
+        self._next_epoch = 0
 
     def __len__(self) -> int:
         return len(self.base)
 
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next pass epoch ``epoch``."""
+        if int(epoch) < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        self._next_epoch = int(epoch)
+
     def __iter__(self):
+        epoch = self._next_epoch
+        self._next_epoch += 1
+        self.generator.manual_seed(_mix(self.base_seed, epoch))
+        if hasattr(self.base, "set_epoch"):
+            self.base.set_epoch(epoch)
         seeds = torch.randint(0, 2**62, (len(self.base),), generator=self.generator, dtype=torch.int64).tolist()
         for i, idx in enumerate(self.base):
             yield int(idx), seeds[i]
@@ -61,41 +76,31 @@ class SkippingDataLoader(DataLoader):
     here in the main process, so the count is complete with any number of workers. A batch
     whose every image was unreadable is not yielded.
 
-    Built by :func:`build_data_loader` with a :class:`SeededSampler`: every pass over the loader
-    is one epoch, seeded from ``(base_seed, epoch)``; epochs count from 0 and
-    :meth:`set_epoch` sets the next one (call it when resuming, or at every epoch start).
+    Built by :func:`build_data_loader` with a :class:`SeededSampler`, so every pass is one
+    epoch seeded from ``(base_seed, epoch)``; :meth:`set_epoch` (or ``loader.sampler.set_epoch``)
+    sets the next epoch, e.g. when resuming.
 
     Attributes:
         skipped: image path -> reason, for every unreadable image met so far.
-        base_seed: the loader's seed.
     """
 
-    def __init__(self, *args, base_seed: int = 0, sampler_generator: Optional[torch.Generator] = None,
-                 **kwargs) -> None:
+    def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.skipped: dict = {}
-        self.base_seed = int(base_seed)
-        self._sampler_generator = sampler_generator
-        self._next_epoch = 0
 
     @property
     def num_skipped(self) -> int:
         return len(self.skipped)
 
+    @property
+    def base_seed(self) -> Optional[int]:
+        return getattr(self.sampler, "base_seed", None)
+
     def set_epoch(self, epoch: int) -> None:
-        """Make the next pass epoch ``epoch`` (as ``DistributedSampler.set_epoch``)."""
-        if int(epoch) < 0:
-            raise ValueError(f"epoch must be >= 0, got {epoch}")
-        self._next_epoch = int(epoch)
+        """Make the next pass epoch ``epoch``."""
+        self.sampler.set_epoch(epoch)
 
     def __iter__(self):
-        epoch = self._next_epoch
-        self._next_epoch += 1
-        if self._sampler_generator is not None:
-            self._sampler_generator.manual_seed(_mix(self.base_seed, epoch))
-        base = getattr(self.sampler, "base", None)
-        if hasattr(base, "set_epoch"):  # DistributedSampler
-            base.set_epoch(epoch)
         for batch in super().__iter__():
             for path, reason in zip(batch["skipped"], batch["skip_reasons"]):
                 if path not in self.skipped:
@@ -167,7 +172,7 @@ def build_data_loader(
     return SkippingDataLoader(
         DatasetWrapper(data_source, tfm, strict=strict),
         batch_size=int(batch_size),
-        sampler=SeededSampler(sampler, sampler_generator),
+        sampler=SeededSampler(sampler, sampler_generator, seed),
         num_workers=num_workers,
         drop_last=drop_last,
         pin_memory=torch.cuda.is_available(),
@@ -175,8 +180,6 @@ def build_data_loader(
         collate_fn=collate_skipping,
         worker_init_fn=seed_worker,
         generator=loader_generator,
-        base_seed=seed,
-        sampler_generator=sampler_generator,
     )
 
 
