@@ -511,9 +511,10 @@ class SimpleTrainer(TrainerBase):
     def prepare_loader_for_epoch(self, loader: Any) -> None:
         """Make the loader's randomness a function of (SEED, epoch) so resumed runs match.
 
-        Calls ``set_epoch`` on samplers that have it (DistributedSampler) and re-seeds a loader's or
-        sampler's own ``torch.Generator`` with :func:`locoop.engine.seed.epoch_seed`. Loaders without
-        their own generator draw from the global RNG, which checkpoints save and restore.
+        Calls ``set_epoch(epoch)`` on samplers that have it (DistributedSampler, locoop.data's
+        SeededSampler) and re-seeds a loader's or sampler's own ``torch.Generator`` with
+        :func:`locoop.engine.seed.epoch_seed`. Loaders without their own generator draw from the
+        global RNG, which checkpoints save and restore.
         """
         sampler = getattr(loader, "sampler", None)
         for s in (sampler, getattr(loader, "batch_sampler", None)):
@@ -521,8 +522,10 @@ class SimpleTrainer(TrainerBase):
                 s.set_epoch(self.epoch)
         if self.cfg.SEED < 0:
             return
+        # An epoch-aware sampler (set_epoch, like locoop.data's SeededSampler) seeds augmentations itself;
+        # otherwise persistent workers carry RNG state across epochs that no checkpoint holds.
         if getattr(loader, "persistent_workers", False) and getattr(loader, "num_workers", 0) > 0 \
-                and not getattr(self, "_warned_persistent", False):
+                and not hasattr(sampler, "set_epoch") and not getattr(self, "_warned_persistent", False):
             self._warned_persistent = True
             warnings.warn("The training loader uses persistent_workers: its workers' RNG states live across epochs "
                           "and are not in checkpoints, so a resumed run will not repeat the augmentations exactly.")
