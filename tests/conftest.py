@@ -44,3 +44,12 @@ def tiny_rn_path(checkpoint_dir) -> str:
 @pytest.fixture(scope="session")
 def tiny_rn_jit_path(checkpoint_dir) -> str:
     return _checkpoint(checkpoint_dir, "tiny-rn", "torchscript")
+
+
+@pytest.fixture(autouse=True)
+def _close_trainer_logger():
+    """Trainers tee stdout into OUTPUT_DIR/log.txt; undo that after every test."""
+    yield
+    from locoop.engine.logger import close_logger
+
+    close_logger()
