@@ -1,0 +1,131 @@
+"""PromptLearner (CoOp layout, CTX_INIT, CSC, class-token positions, checkpoints) and zero-shot features."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import clip
+from clip.model import CLIP
+from clip.tokenizer import get_tokenizer
+from locoop.trainers.prompt_learner import PromptLearner, zero_shot_text_features
+
+NAMES = ["dog", "great_white_shark", "cat"]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return CLIP(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64, vision_patch_size=8,
+                context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1,
+                transformer_layers=2).eval()
+
+
+def _token_embeddings(model, text):
+    return model.token_embedding(clip.tokenize([text]))[0].detach()
+
+
+def test_end_layout_matches_tokenized_prompt(model):
+    pl = PromptLearner(NAMES, model, n_ctx=4)
+    assert pl.ctx.shape == (4, 64) and pl.ctx.requires_grad
+    assert pl.ctx.std().item() == pytest.approx(0.02, rel=0.3)
+    out = pl()
+    assert out.shape == (3, 77, 64)
+    # Prompt 1 is "X X X X great white shark." with the X embeddings replaced by ctx.
+    ref = _token_embeddings(model, "X X X X great white shark.")
+    assert torch.equal(out[1, 0], ref[0])  # SOS
+    assert torch.equal(out[1, 1:5], pl.ctx.detach())
+    assert torch.equal(out[1, 5:], ref[5:])
+    n_name = len(get_tokenizer().encode("great white shark"))
+    assert pl.name_lens == [1, n_name, 1]
+    assert pl.eot_idx.tolist() == [1 + 4 + 1 + 1, 1 + 4 + n_name + 1, 7]
+    assert pl.shared_prefix_len == 5
+    prefix, suffix = pl.prefix_and_suffix()
+    assert torch.equal(torch.cat([prefix.expand(3, -1, -1), suffix], 1), out)
+
+
+@pytest.mark.parametrize("position", ["middle", "front"])
+def test_middle_and_front_layouts(model, position):
+    pl = PromptLearner(NAMES, model, n_ctx=4, class_token_position=position)
+    out = pl()
+    ref = _token_embeddings(model, "X X X X great white shark.")
+    n = pl.name_lens[1]
+    ctx = pl.ctx.detach()
+    name_tokens = ref[5:5 + n]
+    if position == "front":
+        expected = torch.cat([ref[:1], name_tokens, ctx, ref[5 + n:]])
+    else:
+        expected = torch.cat([ref[:1], ctx[:2], name_tokens, ctx[2:], ref[5 + n:]])
+    assert torch.equal(out[1], expected)
+    assert pl.shared_prefix_len is None
+    with pytest.raises(ValueError, match="share no prefix"):
+        pl.prefix_and_suffix()
+    # Gradient reaches the context through the gather.
+    out.sum().backward()
+    assert torch.equal(pl.ctx.grad, torch.full_like(pl.ctx, 3.0))
+
+
+def test_class_specific_context(model):
+    pl = PromptLearner(NAMES, model, n_ctx=3, csc=True)
+    assert pl.ctx.shape == (3, 3, 64)
+    out = pl()
+    for c in range(3):
+        assert torch.equal(out[c, 1:4], pl.ctx[c].detach())
+    assert pl.shared_prefix_len is None
+
+
+def test_ctx_init_from_words(model):
+    pl = PromptLearner(NAMES, model, n_ctx=16, ctx_init="a_photo of a")
+    assert pl.n_ctx == 4 and pl.ctx.shape == (4, 64)
+    ref = _token_embeddings(model, "a photo of a dog.")
+    assert torch.equal(pl.ctx.detach(), ref[1:5])
+    assert torch.equal(pl()[0], ref)  # the initial prompt is exactly the tokenised sentence
+    csc = PromptLearner(NAMES, model, ctx_init="a photo of a", csc=True)
+    assert csc.ctx.shape == (3, 4, 64) and torch.equal(csc.ctx[2].detach(), ref[1:5])
+
+
+def test_checkpoint_holds_only_ctx_and_ignores_reference_buffers(model):
+    pl = PromptLearner(NAMES, model, n_ctx=4)
+    sd = pl.state_dict()
+    assert list(sd) == ["ctx"]
+    other = PromptLearner(NAMES, model, n_ctx=4)
+    # A reference-style checkpoint also stores token_prefix/token_suffix (of other class names here).
+    ref_sd = {"ctx": sd["ctx"], "token_prefix": torch.zeros(9, 1, 64), "token_suffix": torch.zeros(9, 72, 64)}
+    other.load_state_dict(ref_sd)
+    assert torch.equal(other.ctx, pl.ctx)
+    assert torch.equal(other(), pl())
+
+
+@pytest.mark.parametrize("kwargs, text", [
+    (dict(n_ctx=8), "N_CTX=8, CSC=False"),
+    (dict(n_ctx=4, csc=True), "N_CTX=4, CSC=True"),
+])
+def test_wrong_ctx_shape_is_refused(model, kwargs, text):
+    saved = PromptLearner(NAMES, model, n_ctx=4).state_dict()
+    pl = PromptLearner(NAMES, model, **kwargs)
+    with pytest.raises(ValueError, match="N_CTX=4, CSC=False") as e:
+        pl.load_state_dict(saved)
+    assert text in str(e.value) and "TRAINER.LOCOOP.N_CTX" in str(e.value)
+
+
+def test_bad_arguments(model):
+    with pytest.raises(ValueError, match="class_token_position"):
+        PromptLearner(NAMES, model, class_token_position="start")
+    with pytest.raises(ValueError, match="N_CTX"):
+        PromptLearner(NAMES, model, n_ctx=0)
+    with pytest.raises(ValueError, match="non-empty"):
+        PromptLearner([], model)
+    with pytest.raises(ValueError, match="longer than"):
+        PromptLearner(["word " * 70], model, n_ctx=16)
+
+
+def test_zero_shot_text_features(model):
+    feats = zero_shot_text_features(model, NAMES, batch_size=2)
+    tokens = clip.tokenize(["a photo of a dog.", "a photo of a great white shark.", "a photo of a cat."])
+    ref = F.normalize(model.encode_text(tokens), dim=-1)
+    assert feats.shape == (3, 32)
+    assert torch.allclose(feats, ref, atol=1e-6)
+    two = zero_shot_text_features(model, NAMES, template=["a photo of a {}.", "a {}."])
+    ref2 = F.normalize(ref + F.normalize(model.encode_text(clip.tokenize(["a dog.", "a great white shark.", "a cat."])),
+                                         dim=-1), dim=-1)
+    assert torch.allclose(two, ref2, atol=1e-6)
+    with pytest.raises(ValueError, match="template"):
+        zero_shot_text_features(model, NAMES, template="a photo")
