@@ -219,6 +219,11 @@ def _add_setar(c: CN) -> None:
     c.SETAR.FT.LORA_RANK = 8  # rank of plain LoRA adapters
     c.SETAR.FT.LORA_ALPHA = 8  # LoRA alpha of plain LoRA adapters (scaling alpha / rank)
     c.SETAR.FT.LORA_DROPOUT = 0.0  # dropout on the LoRA input
+    c.SETAR.FT.LAMBDA = 0.10  # weight of the local OOD term of the fine-tuning loss (SeTAR's locoop_lambda)
+    c.SETAR.FT.TOPK = 300  # top-K of the local OOD term of the fine-tuning loss (SeTAR's locoop_top_k)
+    c.SETAR.FT.PREC = "fp32"  # fp32 (SeTAR's) or amp (fp16 autocast on CUDA); weights and SVD stay fp32
+    c.SETAR.FT.TRAIN_SPLIT = "train"  # train: few-shot train_x (NUM_SHOTS); val: the ID validation split (SeTAR's)
+    c.SETAR.FT.LR_STEP = "iter"  # iter: schedule per optimiser step (SeTAR's); epoch: per epoch (Dassl)
 
 
 def _build_defaults() -> CN:
