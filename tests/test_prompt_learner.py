@@ -11,6 +11,15 @@ from locoop.trainers.prompt_learner import PromptLearner, zero_shot_text_feature
 NAMES = ["dog", "great_white_shark", "cat"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # Tiny tensors: a second thread only adds synchronisation cost (large on a shared, busy CPU).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)

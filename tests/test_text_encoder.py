@@ -18,6 +18,15 @@ MIXED = ["dog", "great white shark", "cat", "yellow lady's slipper orchid", "x",
 EQUAL = ["dog", "cat", "fish", "bird"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # Tiny tensors: a second thread only adds synchronisation cost (large on a shared, busy CPU).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
