@@ -1,0 +1,289 @@
+"""Flags, config set-up and early input checks shared by train / eval / visualize / setar.
+
+The flags are those of the papers' ``train.py``, ``eval_ood_detection.py`` and
+``demo_visualization.py`` (Dassl's argument parser plus LoCoOp's additions), so their shell
+scripts' command lines work unchanged. Merge order, later wins::
+
+    defaults < --dataset-config-file < --config-file < flags < trailing KEY VALUE opts
+
+Every check that needs no model (trainer name, checkpoint folder, score names, OOD folders,
+image path) runs before CLIP is loaded or an image is read, so a typo costs seconds, not a
+model load. Errors are printed as one line naming the problem and the fix (exit status 2);
+set ``LOCOOP_DEBUG=1`` to get the traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from typing import Any, Callable, Dict, List, Optional
+
+__all__ = ["FLAG_KEYS", "add_common_arguments", "build_cfg", "check_trainer", "trainer_needs_checkpoint",
+           "find_checkpoints", "check_model_dir", "final_checkpoint", "prepare_run", "run_command",
+           "write_run_info", "read_run_info", "RUN_INFO"]
+
+# argparse attribute -> config key: Dassl's reset_cfg mapping plus --T and --batch-size of the OOD evaluation.
+FLAG_KEYS: Dict[str, str] = {}
+RUN_INFO = "run_info.json"
+_EPOCH_FILE = re.compile(r"^model\.pth\.tar-(\d+)$")
+_BEST_FILE = "model-best.pth.tar"
+# Trainers that evaluate CLIP as it is (nothing to load) when the class does not say otherwise.
+_NO_CHECKPOINT_TRAINERS = ("ZeroshotCLIP", "ZeroshotCLIP2")
+
+
+def _flag_keys() -> Dict[str, str]:
+    if not FLAG_KEYS:
+        from locoop.config import CLI_FLAG_KEYS
+
+        FLAG_KEYS.update(CLI_FLAG_KEYS)
+        FLAG_KEYS.update({"T": "OOD.T", "batch_size": "DATALOADER.TEST.BATCH_SIZE"})
+    return FLAG_KEYS
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    """Add the papers' flags (all default to None, so unset flags never override a YAML).
+
+    Args:
+        parser: the command's parser.
+        command: "train", "eval", "visualize" or "setar" (selects the command-specific flags).
+    """
+    p = parser
+    p.add_argument("--root", type=str, default=None, help="path to the datasets (DATASET.ROOT)")
+    p.add_argument("--output-dir", type=str, default=None, help="output directory (OUTPUT_DIR)")
+    p.add_argument("--resume", type=str, default=None,
+                   help="checkpoint directory to resume training from (RESUME; default: OUTPUT_DIR itself)")
+    p.add_argument("--seed", type=int, default=None, help="fixed seed when >= 0 (SEED)")
+    p.add_argument("--config-file", type=str, default=None, help="method config, e.g. configs/trainers/LoCoOp/vit_b16_ep50.yaml")
+    p.add_argument("--dataset-config-file", type=str, default=None, help="dataset config, e.g. configs/datasets/imagenet.yaml")
+    p.add_argument("--trainer", type=str, default=None, help="trainer name: LoCoOp, CoOp, ZeroshotCLIP (TRAINER.NAME)")
+    p.add_argument("--backbone", type=str, default=None,
+                   help="CLIP model name (ViT-B/16, RN50, ...) or checkpoint path (MODEL.BACKBONE.NAME)")
+    p.add_argument("--head", type=str, default=None, help="Dassl head name (MODEL.HEAD.NAME; unused by these methods)")
+    p.add_argument("--device", type=str, default=None, help="cpu, cuda, cuda:1 (MODEL.DEVICE; default automatic)")
+    p.add_argument("--model-dir", type=str, default=None, help="run folder holding <model>/model.pth.tar-<epoch> to load")
+    p.add_argument("--load-epoch", type=int, default=None,
+                   help="load model.pth.tar-<epoch> (default: model-best.pth.tar, else the latest epoch)")
+    p.add_argument("--lambda_value", type=float, default=None, help="LoCoOp's OOD-loss weight (TRAINER.LOCOOP.LAMBDA)")
+    p.add_argument("--topk", type=int, default=None,
+                   help="a region is OOD if its label is not in its top-K classes (TRAINER.LOCOOP.TOPK)")
+    p.add_argument("--strict", action="store_true", help="fail on unreadable images instead of skipping them")
+    if command == "train":
+        p.add_argument("--eval-only", action="store_true", help="load --model-dir and test (classification) only")
+        p.add_argument("--no-train", action="store_true", help="build the trainer but do not call train()")
+        p.add_argument("--skip-finished", action="store_true",
+                       help="exit at once when OUTPUT_DIR already holds the final epoch's checkpoint")
+    if command in ("eval", "setar"):
+        p.add_argument("--T", type=float, default=None, help="softmax temperature on cosine similarity (OOD.T)")
+        p.add_argument("-b", "--batch-size", type=int, default=None, help="evaluation batch size (DATALOADER.TEST.BATCH_SIZE)")
+        p.add_argument("--in_dataset", type=str, default=None,
+                       help="accepted for compatibility; the ID dataset comes from --dataset-config-file")
+    if command == "visualize":
+        p.add_argument("--image_path", type=str, default=None, required=True, help="image to visualise")
+        p.add_argument("--label", type=int, default=None, required=True, help="its class index in [0, C)")
+    p.add_argument("opts", default=None, nargs=argparse.REMAINDER,
+                   help="trailing config overrides: KEY VALUE pairs, e.g. TRAINER.LOCOOP.N_CTX 16")
+
+
+def build_cfg(args: argparse.Namespace, freeze: bool = True) -> Any:
+    """The run config from the flags (see the module docstring for the merge order)."""
+    from locoop.config import setup_cfg
+
+    opts = list(getattr(args, "opts", None) or [])
+    if opts and opts[0] == "--":  # `... -- KEY VALUE` is accepted as well
+        opts = opts[1:]
+    args.opts = opts
+    return setup_cfg(args, flag_keys=_flag_keys(), freeze=freeze)
+
+
+def check_trainer(name: str) -> type:
+    """The registered trainer class of ``name``.
+
+    Raises:
+        ValueError: empty or unknown name; the message lists the registered trainers.
+    """
+    from locoop.engine.registry import TRAINER_REGISTRY
+
+    try:
+        import locoop.trainers  # noqa: F401  (registers the built-in trainers)
+    except ModuleNotFoundError as e:  # pragma: no cover - only while the package is incomplete
+        if e.name != "locoop.trainers":
+            raise
+    valid = TRAINER_REGISTRY.registered_names()
+    if not name:
+        raise ValueError(f"no trainer given; pass --trainer with one of {valid}")
+    if name not in TRAINER_REGISTRY:
+        try:
+            TRAINER_REGISTRY.get(name)
+        except KeyError as e:
+            raise ValueError(f"unknown trainer {name!r}: {e.args[0] if e.args else ''}".rstrip()) from None
+    return TRAINER_REGISTRY.get(name)
+
+
+def trainer_needs_checkpoint(cls: type) -> bool:
+    """False for trainers without learned weights (zero-shot CLIP), else True.
+
+    A trainer class may say so itself with a ``NEEDS_CHECKPOINT`` attribute.
+    """
+    flag = getattr(cls, "NEEDS_CHECKPOINT", None)
+    if flag is not None:
+        return bool(flag)
+    return cls.__name__ not in _NO_CHECKPOINT_TRAINERS
+
+
+def find_checkpoints(model_dir: str) -> Dict[str, List[str]]:
+    """Checkpoint files per model sub-folder of a run folder (``{name: [file, ...]}``)."""
+    out: Dict[str, List[str]] = {}
+    if not os.path.isdir(model_dir):
+        return out
+    for sub in sorted(os.listdir(model_dir)):
+        folder = os.path.join(model_dir, sub)
+        if not os.path.isdir(folder):
+            continue
+        files = sorted(f for f in os.listdir(folder) if _EPOCH_FILE.match(f) or f == _BEST_FILE)
+        if files:
+            out[sub] = files
+    return out
+
+
+def _listing(folder: str, limit: int = 20) -> str:
+    entries = []
+    for root, dirs, files in os.walk(folder):
+        rel = os.path.relpath(root, folder)
+        for name in sorted(dirs) + sorted(files):
+            entries.append(name + ("/" if name in dirs else "") if rel == "." else os.path.join(rel, name))
+        if len(entries) > limit or rel.count(os.sep) >= 1:
+            break
+    if not entries:
+        return "nothing (the folder is empty)"
+    more = f", ... ({len(entries) - limit} more)" if len(entries) > limit else ""
+    return ", ".join(entries[:limit]) + more
+
+
+def check_model_dir(model_dir: Optional[str], epoch: Optional[int] = None) -> Dict[str, List[str]]:
+    """Check that ``model_dir`` holds checkpoints (of ``epoch`` when given), before any loading.
+
+    Raises:
+        ValueError: no folder given.
+        FileNotFoundError: the folder is missing, holds no checkpoints, or none of ``epoch``;
+            the message lists what was found there.
+    """
+    if not model_dir:
+        raise ValueError("--model-dir is required: the run folder written by `python -m locoop train "
+                         "--output-dir DIR` (or use --trainer ZeroshotCLIP, which needs no checkpoint)")
+    if not os.path.isdir(model_dir):
+        raise FileNotFoundError(f"--model-dir {model_dir} does not exist; give the --output-dir of a training run")
+    found = find_checkpoints(model_dir)
+    if not found:
+        raise FileNotFoundError(
+            f"no checkpoints in --model-dir {model_dir}: expected {model_dir}/<model name>/model.pth.tar-<epoch> "
+            f"(as written by `python -m locoop train --output-dir {model_dir}`); found there: {_listing(model_dir)}")
+    if epoch is not None:
+        want = f"model.pth.tar-{int(epoch)}"
+        have = {sub: files for sub, files in found.items() if want in files}
+        if not have:
+            epochs = sorted({int(m.group(1)) for files in found.values() for f in files
+                             if (m := _EPOCH_FILE.match(f))})
+            raise FileNotFoundError(
+                f"--load-epoch {epoch}: no {want} in {model_dir}; checkpoints found: "
+                + "; ".join(f"{sub}/: {', '.join(files)}" for sub, files in found.items())
+                + (f" (epochs {epochs}; pass one of them to --load-epoch, or omit it for the latest)" if epochs else ""))
+    return found
+
+
+def final_checkpoint(output_dir: str, max_epoch: int) -> Optional[str]:
+    """Path of ``<output_dir>/<model>/model.pth.tar-<max_epoch>`` if a finished run left it, else None."""
+    for sub, files in find_checkpoints(output_dir).items():
+        name = f"model.pth.tar-{int(max_epoch)}"
+        if name in files:
+            return os.path.join(output_dir, sub, name)
+    return None
+
+
+def _print_args(args: argparse.Namespace, cfg: Any) -> None:
+    print("***************\n** Arguments **\n***************")
+    for key in sorted(vars(args)):
+        print(f"{key}: {getattr(args, key)}")
+    print("************\n** Config **\n************")
+    print(cfg)
+
+
+def prepare_run(cfg: Any, args: Optional[argparse.Namespace] = None) -> None:
+    """Seed, cuDNN and ``log.txt`` in ``OUTPUT_DIR``, then print the arguments and config (as the papers)."""
+    import torch
+
+    from locoop.engine.logger import setup_logger
+    from locoop.engine.seed import set_random_seed
+
+    if cfg.OUTPUT_DIR:
+        os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+        setup_logger(cfg.OUTPUT_DIR)
+    if int(cfg.SEED) >= 0:
+        print(f"Setting fixed seed: {cfg.SEED}")
+        set_random_seed(int(cfg.SEED), deterministic=bool(cfg.TRAIN.DETERMINISTIC))
+    if torch.cuda.is_available() and cfg.USE_CUDA and not cfg.TRAIN.DETERMINISTIC:
+        torch.backends.cudnn.benchmark = True
+    if args is not None and cfg.VERBOSE:
+        _print_args(args, cfg)
+
+
+def write_run_info(cfg: Any, trainer: Any, extra: Optional[Dict[str, Any]] = None) -> str:
+    """Write ``config.yaml`` and ``run_info.json`` (class-name and few-shot split hashes) into OUTPUT_DIR.
+
+    The evaluation copies ``run_info.json`` of the model folder into its results, so a results file
+    names the exact few-shot split its prompts were trained on.
+    """
+    import json
+
+    from locoop.config import cfg_to_dict, dump_cfg
+
+    out = cfg.OUTPUT_DIR
+    os.makedirs(out, exist_ok=True)
+    dump_cfg(cfg, os.path.join(out, "config.yaml"))
+    ds = getattr(getattr(trainer, "dm", None), "dataset", None)
+    info: Dict[str, Any] = {"trainer": cfg.TRAINER.NAME, "backbone": cfg.MODEL.BACKBONE.NAME, "seed": cfg.SEED}
+    for key in ("classnames_file", "classnames_hash", "split_file", "split_hash", "val_split_file", "val_split_hash"):
+        value = getattr(ds, key, None) if ds is not None else None
+        if value is not None:
+            info[key] = value
+    info.update(extra or {})
+    info["config"] = cfg_to_dict(cfg)
+    path = os.path.join(out, RUN_INFO)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(info, f, indent=2, default=str)
+    os.replace(tmp, path)
+    return path
+
+
+def read_run_info(model_dir: Optional[str]) -> Optional[Dict[str, Any]]:
+    """``run_info.json`` of a training run folder without its config (None if absent or unreadable)."""
+    import json
+
+    if not model_dir:
+        return None
+    path = os.path.join(model_dir, RUN_INFO)
+    try:
+        with open(path, encoding="utf-8") as f:
+            info = json.load(f)
+    except (OSError, ValueError):
+        return None
+    info.pop("config", None)
+    return info
+
+
+def run_command(name: str, fn: Callable[[argparse.Namespace], Optional[int]], args: argparse.Namespace) -> int:
+    """Run ``fn(args)``; user errors become a one-line message and exit status 2.
+
+    ``ValueError`` (incl. config errors), ``FileNotFoundError``, ``KeyError`` and
+    ``FloatingPointError`` (NaN loss) are reported without a traceback unless ``LOCOOP_DEBUG=1``.
+    """
+    try:
+        return int(fn(args) or 0)
+    except (ValueError, FileNotFoundError, KeyError, FloatingPointError) as e:
+        if os.environ.get("LOCOOP_DEBUG", "") not in ("", "0"):
+            raise
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        sys.stdout.flush()
+        print(f"python -m locoop {name}: error: {msg}\n(set LOCOOP_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 2

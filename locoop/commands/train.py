@@ -1,0 +1,57 @@
+"""``python -m locoop train``: train a prompt learner (LoCoOp, CoOp) with the papers' flags.
+
+    python -m locoop train --root DATA --seed 1 --trainer LoCoOp \
+        --dataset-config-file configs/datasets/imagenet.yaml \
+        --config-file configs/trainers/LoCoOp/vit_b16_ep50.yaml \
+        --output-dir output/imagenet/LoCoOp/vit_b16_ep50_16shots/nctx16_cscFalse_ctpend/seed1 \
+        --lambda_value 0.25 --topk 200 DATASET.NUM_SHOTS 16
+
+Writes ``log.txt``, ``config.yaml``, ``run_info.json`` and ``<model>/model.pth.tar-<epoch>`` into
+``--output-dir``; an interrupted run resumes from its latest checkpoint when started again.
+``--eval-only --model-dir DIR [--load-epoch N]`` loads a run and reports the ID test accuracy
+(the OOD benchmark is ``python -m locoop eval``).
+"""
+from __future__ import annotations
+
+import argparse
+
+from locoop.commands._common import (add_common_arguments, build_cfg, check_model_dir, check_trainer,
+                                     final_checkpoint, prepare_run, run_command, trainer_needs_checkpoint,
+                                     write_run_info)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add train.py's flags."""
+    add_common_arguments(parser, "train")
+
+
+def _run(args: argparse.Namespace) -> int:
+    cfg = build_cfg(args)
+    cls = check_trainer(cfg.TRAINER.NAME)
+    if args.eval_only:
+        if trainer_needs_checkpoint(cls):
+            check_model_dir(args.model_dir, args.load_epoch)
+    elif args.skip_finished and not args.no_train:
+        done = final_checkpoint(cfg.OUTPUT_DIR, cfg.OPTIM.MAX_EPOCH)
+        if done:
+            print(f"The run at {cfg.OUTPUT_DIR} is finished ({done} exists); skipping it.")
+            return 0
+    prepare_run(cfg, args)
+
+    from locoop.engine.registry import build_trainer
+
+    trainer = build_trainer(cfg)
+    if args.eval_only:
+        if args.model_dir:
+            trainer.load_model(args.model_dir, epoch=args.load_epoch)
+        trainer.test()
+        return 0
+    write_run_info(cfg, trainer)
+    if not args.no_train:
+        trainer.train()
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train (or ``--eval-only`` test) as the papers' ``train.py``; 2 on bad input."""
+    return run_command("train", _run, args)
