@@ -14,6 +14,11 @@ from typing import Optional, Sequence
 
 # command name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("locoop.commands.train", "Train a prompt learner (LoCoOp, CoOp) with the papers' train.py flags"),
+    "eval": ("locoop.commands.eval", "OOD benchmark (MCM, GL-MCM, ...) of a trained or zero-shot model"),
+    "visualize": ("locoop.commands.visualize", "Shade the regions LoCoOp treats as OOD in one image"),
+    "demo": ("locoop.commands.demo", "Smoke demo on generated data with a tiny CLIP: train -> eval -> visualise"),
+    "setar-search": ("locoop.commands.setar_search", "SeTAR: training-free low-rank search, then the OOD benchmark"),
     "summarize": ("locoop.commands.summarize", "Average several seeds' ood_results.json (mean and std)"),
     "check-data": ("locoop.commands.check_data", "Check a dataset folder layout and report what to fix"),
 }
