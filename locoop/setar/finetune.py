@@ -1,0 +1,385 @@
+"""SeTAR+FT and the plain-LoRA baseline as engine trainers (registered as ``"SeTARFT"`` and ``"LoRA"``).
+
+Both fine-tune low-rank adapters on CLIP (:mod:`locoop.setar.adapters`) with the LoCoOp loss
+(``CE(global logits, y) + SETAR.FT.LAMBDA * L_ood`` with top-``SETAR.FT.TOPK`` OOD patches,
+:func:`locoop.trainers.loss.locoop_loss`), logits ``logit_scale.exp() * cos`` of the normalised
+image features (global and local) and the class-name prompts ``"a photo of a <class>."``:
+
+* ``SeTARFT``: adapters from a SeTAR search's settings (``SETAR.SETTINGS_FILE``, the search's
+  ``best_settings.json``): the minor singular components of every pruned matrix, scaling 1, so the
+  model starts equal to the unpruned one. ``SETAR.PRUNE_TYPE`` / ``SEED`` choose the components
+  as in the search.
+* ``LoRA``: rank ``SETAR.FT.LORA_RANK`` (alpha ``SETAR.FT.LORA_ALPHA``) on every block's
+  ``SETAR.WEIGHT_TYPES`` in both towers (plus ``W_p`` with ``SETAR.FREEZE_PROJ False``), peft's
+  default initialisation (``B = 0``).
+
+Only adapter parameters are trainable (checked at build time). The text features are recomputed
+through the adapted text tower at every step when a text-tower matrix carries an adapter, else
+computed once. The image tower runs without a graph when it has no adapter.
+
+Data: ``SETAR.FT.TRAIN_SPLIT`` ``train`` = the few-shot training split (``DATASET.NUM_SHOTS``);
+``val`` = the ID validation split (``DATASET.VAL_SPLIT_FILE``), which is what SeTAR's
+``finetune.py`` trains on (its ImageNet split is one training image per class). The schedule steps
+per optimiser step (``SETAR.FT.LR_STEP iter``, as SeTAR's ``get_scheduler``) or per epoch.
+
+Checkpoints (``OUTPUT_DIR/adapters/model.pth.tar-<epoch>``) hold only the adapters and their
+description (base-weight SHA-256, settings, ranks): resuming and loading check it. Loading a
+SeTARFT checkpoint without ``SETAR.SETTINGS_FILE`` rebuilds the adapters from that description.
+
+Evaluation interface (as the LoCoOp trainer): ``trainer.clip_model`` -- CLIP with the adapters in
+place, so its ``encode_image`` / ``encode_text`` are the adapted model -- and
+``trainer.text_features()``.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+from locoop.engine.registry import TRAINER_REGISTRY
+from locoop.engine.trainer import TrainerX
+
+from .adapters import (AdapterSet, add_lora_adapters, add_setar_adapters, adapters_from_meta,
+                       base_weights_sha256)
+
+Tensor = torch.Tensor
+
+__all__ = ["AdapterTrainer", "SeTARFT", "LoRA", "FT_PRECISIONS", "TRAIN_SPLITS", "LR_STEPS", "PROMPT_TEMPLATE"]
+
+FT_PRECISIONS = ("fp32", "amp")
+TRAIN_SPLITS = ("train", "val")
+LR_STEPS = ("iter", "epoch")
+PROMPT_TEMPLATE = "a photo of a {}."
+MODEL_NAME = "adapters"  # registered model name = checkpoint sub-folder
+
+
+def _accuracy(logits: Tensor, labels: Tensor) -> float:
+    return (logits.argmax(dim=-1) == labels).float().mean().item() * 100.0
+
+
+class AdapterTrainer(TrainerX):
+    """Shared machinery of :class:`SeTARFT` and :class:`LoRA` (``adapter_kind`` selects the adapters)."""
+
+    adapter_kind: str = ""
+    template: str = PROMPT_TEMPLATE
+    NEEDS_CHECKPOINT = True
+
+    #: Set to False to skip the Dassl classification test after training (the setar-finetune
+    #: command does: its OOD benchmark reports the same ID accuracy).
+    final_test: bool = True
+
+    # ------------------------------------------------------------------ config
+    def precision_key(self) -> Optional[str]:
+        return "SETAR.FT.PREC"
+
+    def check_cfg(self, cfg: Any) -> None:
+        ft = cfg.SETAR.FT
+        if ft.PREC not in FT_PRECISIONS:
+            raise ValueError(f"SETAR.FT.PREC must be one of {FT_PRECISIONS} (fp16 weights would spoil the SVD "
+                             f"split and the SGD updates), got {ft.PREC!r}")
+        if ft.TRAIN_SPLIT not in TRAIN_SPLITS:
+            raise ValueError(f"SETAR.FT.TRAIN_SPLIT must be one of {TRAIN_SPLITS}, got {ft.TRAIN_SPLIT!r}")
+        if ft.LR_STEP not in LR_STEPS:
+            raise ValueError(f"SETAR.FT.LR_STEP must be one of {LR_STEPS}, got {ft.LR_STEP!r}")
+        if float(ft.LAMBDA) < 0:
+            raise ValueError(f"SETAR.FT.LAMBDA must be >= 0, got {ft.LAMBDA}")
+        if int(ft.TOPK) < 1:
+            raise ValueError(f"SETAR.FT.TOPK must be >= 1, got {ft.TOPK}")
+        if not 0.0 <= float(ft.LORA_DROPOUT) < 1.0:
+            raise ValueError(f"SETAR.FT.LORA_DROPOUT must be in [0, 1), got {ft.LORA_DROPOUT}")
+        if ft.TRAIN_SPLIT == "val" and cfg.TEST.FINAL_MODEL == "best_val":
+            raise ValueError("SETAR.FT.TRAIN_SPLIT val trains on the validation split, so TEST.FINAL_MODEL best_val "
+                             "would select on training images; use TEST.FINAL_MODEL last_step")
+        if not str(cfg.MODEL.BACKBONE.NAME or "").strip():
+            raise ValueError("MODEL.BACKBONE.NAME is empty: set a CLIP model name (e.g. ViT-B/16) or a checkpoint path")
+
+    # ------------------------------------------------------------------ data
+    def build_data_loader(self) -> None:
+        """The few-shot train split, or (``TRAIN_SPLIT val``) the ID validation split as training data."""
+        if self.cfg.SETAR.FT.TRAIN_SPLIT == "train":
+            super().build_data_loader()
+            return
+        from locoop.data import DataManager, build_data_loader, build_dataset
+
+        cfg = self.cfg
+        dataset = build_dataset(cfg, need_train=False)
+        val = list(dataset.val or [])
+        test_paths = {d.impath for d in (dataset.test or [])}
+        if not val or dataset.val is dataset.test or (test_paths and all(d.impath in test_paths for d in val)):
+            raise ValueError(
+                "SETAR.FT.TRAIN_SPLIT val trains on the ID validation split, but this dataset's validation split is "
+                "its test split; set DATASET.VAL_SPLIT_FILE to SeTAR's split JSON (imagenet1k_val_data.json / "
+                "voc_val_data.json) or give the dataset a val/ folder -- or use SETAR.FT.TRAIN_SPLIT train "
+                "with DATASET.NUM_SHOTS")
+        dm = DataManager(cfg, dataset=dataset, verbose=bool(cfg.VERBOSE))
+        seed = int(cfg.SEED) if int(cfg.SEED) >= 0 else None
+        self.dm = dm
+        self.train_loader_x = build_data_loader(
+            val, int(cfg.DATALOADER.TRAIN_X.BATCH_SIZE), dm.tfm_train, is_train=True,
+            num_workers=int(cfg.DATALOADER.NUM_WORKERS), seed=seed, strict=bool(cfg.DATASET.STRICT),
+            shuffle=cfg.DATALOADER.TRAIN_X.SAMPLER != "SequentialSampler")
+        self.val_loader = None  # the validation images are the training images here
+        self.test_loader = dm.test_loader
+        self.num_classes = dm.num_classes
+        self.lab2cname = dm.lab2cname
+        self.classnames = dm.classnames
+        if cfg.VERBOSE:
+            print(f"Training on the validation split: {len(val)} images")
+
+    # ------------------------------------------------------------------ model
+    def build_model(self) -> None:
+        import clip
+        from locoop.trainers.clip_backbone import load_clip, resolve_precision
+
+        cfg = self.cfg
+        ft = cfg.SETAR.FT
+        verbose = bool(cfg.VERBOSE)
+        self.lam = float(ft.LAMBDA)
+        self.top_k = int(ft.TOPK)
+        self.backbone = str(cfg.MODEL.BACKBONE.NAME).strip()
+        # Weights stay fp32 whatever the precision: the SVD split and SGD on the adapters need it.
+        clip_model, _ = load_clip(cfg, self.device, "fp32", verbose=verbose)
+        self.precision = resolve_precision(ft.PREC, self.device)
+        if verbose and self.precision != ft.PREC:
+            print(f"Note: SETAR.FT.PREC={ft.PREC!r} needs CUDA; running in fp32 on {self.device}")
+        for p in clip_model.parameters():
+            p.requires_grad_(False)
+        self.clip_model = clip_model
+        self.base_sha256 = base_weights_sha256(clip_model)
+        classnames = list(self.dm.dataset.classnames)
+        names = [c.replace("_", " ") for c in classnames]
+        self.tokens = clip.tokenize([self.template.format(n) for n in names],
+                                    context_length=int(clip_model.context_length)).to(self.device)
+        self._fixed_text: Optional[Tensor] = None
+        self._eval_text_features: Optional[Tensor] = None
+
+        self.adapters = AdapterSet()
+        self._build_adapters()
+        optim = sched = None
+        if self.adapters.attached:
+            self._check_trainable()
+            from locoop.engine.optim import build_optimizer
+
+            optim = build_optimizer(list(self.adapters.params.values()), cfg.OPTIM)
+            sched = self._build_scheduler(optim)
+        self.optim, self.sched = optim, sched
+        self.register_model(MODEL_NAME, self.adapters, optim, sched)
+        self.init_amp_scaler(self.precision == "amp")
+
+    def _build_adapters(self) -> None:
+        """Create the adapters from the config (may leave them empty, see :class:`SeTARFT`)."""
+        raise NotImplementedError
+
+    def _dropout(self) -> float:
+        return float(self.cfg.SETAR.FT.LORA_DROPOUT)
+
+    def _check_trainable(self) -> None:
+        trainable = {id(p) for p in self.clip_model.parameters() if p.requires_grad}
+        adapter = {id(p) for p in self.adapters.params.values()}
+        if trainable != adapter or not all(p.requires_grad for p in self.adapters.params.values()):
+            extra = [n for n, p in self.clip_model.named_parameters() if p.requires_grad and id(p) not in adapter]
+            raise RuntimeError(f"only adapter parameters may be trainable; also trainable: {extra[:5]}")
+        if self.cfg.VERBOSE:
+            ranks = self.adapters.ranks()
+            print(f"{type(self).__name__}: {len(ranks)} adapters, trainable parameters: "
+                  f"{self.adapters.num_parameters():,} (of {sum(p.numel() for p in self.clip_model.parameters()):,}); "
+                  f"towers: {', '.join(sorted(self.adapters.towers()))}")
+            for (tower, wt, layer), r in ranks.items():
+                print(f"  {tower} {wt}{'' if layer is None else ' ' + str(layer)}: rank {r}")
+
+    def _build_scheduler(self, optim: torch.optim.Optimizer):
+        from locoop.engine.lr_scheduler import build_lr_scheduler
+
+        cfg = self.cfg
+        if cfg.SETAR.FT.LR_STEP == "epoch" or getattr(self, "train_loader_x", None) is None:
+            return build_lr_scheduler(optim, cfg.OPTIM)
+        # Per optimiser step, as SeTAR (transformers' get_scheduler): the epoch counts of the
+        # schedule become step counts.
+        n = max(len(self.train_loader_x), 1)
+        oc = cfg.OPTIM.clone()
+        oc.defrost()
+        oc.MAX_EPOCH = int(cfg.OPTIM.MAX_EPOCH) * n
+        if int(oc.WARMUP_EPOCH) > 0:
+            oc.WARMUP_EPOCH = int(cfg.OPTIM.WARMUP_EPOCH) * n
+        if isinstance(oc.STEPSIZE, (list, tuple)):
+            oc.STEPSIZE = type(oc.STEPSIZE)(int(s) * n if int(s) > 0 else int(s) for s in oc.STEPSIZE)
+        elif int(oc.STEPSIZE) > 0:
+            oc.STEPSIZE = int(oc.STEPSIZE) * n
+        return build_lr_scheduler(optim, oc)
+
+    @property
+    def lr_per_iter(self) -> bool:
+        return self.cfg.SETAR.FT.LR_STEP == "iter"
+
+    # ------------------------------------------------------------------ text / image features
+    def _text_adapted(self) -> bool:
+        return "text" in self.adapters.towers()
+
+    def _encode_text(self) -> Tensor:
+        return F.normalize(self.clip_model.encode_text(self.tokens).float(), dim=-1)
+
+    def _train_text_features(self) -> Tensor:
+        if self._text_adapted():
+            return self._encode_text()  # through the adapted text tower: differentiable, every step
+        if self._fixed_text is None:
+            with torch.no_grad():
+                self._fixed_text = self._encode_text()
+        return self._fixed_text
+
+    @torch.no_grad()
+    def text_features(self) -> Tensor:
+        """Normalised ``[C, D]`` features of the class prompts through the (adapted) text tower."""
+        from locoop.trainers.prompt_learner import zero_shot_text_features
+
+        with self.autocast():
+            return zero_shot_text_features(self.clip_model, list(self.dm.dataset.classnames), self.template,
+                                           device=self.device).float()
+
+    def encode_image(self, image: Tensor, return_local: bool = True):
+        """Normalised global (and local) image features; a graph only when the image tower has adapters."""
+        track = torch.is_grad_enabled() and "visual" in self.adapters.towers()
+        with torch.set_grad_enabled(track):
+            out = self.clip_model.encode_image(image, return_local=return_local)
+        if not return_local:
+            return F.normalize(out.float(), dim=-1)
+        g, loc = out
+        return F.normalize(g.float(), dim=-1), F.normalize(loc.float(), dim=-1)
+
+    def logits(self, image: Tensor, text: Tensor, return_local: bool = True):
+        """``logit_scale.exp() * cos``: ``(global [B, C], local [B, P, C])`` or global only."""
+        scale = self.clip_model.logit_scale.exp().float()
+        if not return_local:
+            return scale * self.encode_image(image, False) @ text.t()
+        g, loc = self.encode_image(image, True)
+        return scale * g @ text.t(), scale * loc @ text.t()
+
+    # ------------------------------------------------------------------ training
+    def before_train(self) -> None:
+        if not self.adapters.attached:
+            raise ValueError(f"{type(self).__name__} has no adapters to train: " + self._no_adapters_hint())
+        super().before_train()
+
+    def _no_adapters_hint(self) -> str:
+        return "check the adapter settings"
+
+    def forward_backward(self, batch: dict) -> dict:
+        from locoop.trainers.loss import locoop_loss
+
+        image, label = self.parse_batch_train(batch)
+        with self.autocast():
+            text = self._train_text_features()
+            logits, logits_local = self.logits(image, text)
+            loss, loss_id, loss_ood = locoop_loss(logits, logits_local, label, self.lam, self.top_k)
+        self.model_backward_and_update(loss)
+        if self.lr_per_iter and self.sched is not None:
+            self.sched.step()
+        return {"loss": loss.item(), "loss_id": loss_id.item(), "loss_ood": loss_ood.item(),
+                "acc": _accuracy(logits.detach(), label)}
+
+    def update_lr(self, names=None) -> None:
+        if self.lr_per_iter:
+            self._lr_updated_epoch = getattr(self, "epoch", None)  # stepped after every batch instead
+            return
+        super().update_lr(names)
+
+    def after_train(self) -> None:
+        if self.final_test:
+            super().after_train()
+            return
+        import datetime
+        import time
+
+        print("Finish training")
+        if self.cfg.TEST.FINAL_MODEL == "best_val" and not self.cfg.TEST.NO_TEST:
+            print("Deploy the model with the best val performance")
+            self.load_model(self.output_dir)
+        print(f"Elapsed: {datetime.timedelta(seconds=round(time.time() - self.time_start))}")
+        self.close_writer()
+
+    # ------------------------------------------------------------------ evaluation / loading
+    @torch.no_grad()
+    def test(self, split: Optional[str] = None) -> float:
+        self._eval_text_features = self.text_features()
+        try:
+            return super().test(split)
+        finally:
+            self._eval_text_features = None
+
+    def model_inference(self, input: Tensor) -> Tensor:
+        text = self._eval_text_features if self._eval_text_features is not None else self.text_features()
+        with self.autocast():
+            return self.logits(input, text, return_local=False)
+
+    def before_load_state_dict(self, name: str, state_dict: dict, path: str) -> dict:
+        if name == MODEL_NAME:
+            self.adapters.source = f"'{path}'"
+        if name == MODEL_NAME and not self.adapters.attached:
+            meta = state_dict.get("_extra_state")
+            if not isinstance(meta, dict) or not meta:
+                raise ValueError(f"'{path}' holds no adapter description; it was not written by SeTARFT / LoRA")
+            if self.cfg.VERBOSE:
+                print(f"Rebuilding the {meta.get('kind')} adapters described in {path}")
+            adapters_from_meta(self.clip_model, meta, dropout=self._dropout(), backbone=self.backbone,
+                               base_sha256=self.base_sha256, target=self.adapters)
+            self._check_trainable()
+        return state_dict
+
+    def load_model(self, directory: str, epoch: Optional[int] = None, strict: bool = True) -> None:
+        super().load_model(directory, epoch=epoch, strict=strict)
+        self._fixed_text = None  # text features may have changed with the loaded adapters
+
+    def describe(self) -> dict:
+        """The adapters' description (kind, settings, ranks, base hash) for result files."""
+        meta = dict(self.adapters.meta or {})
+        meta["num_parameters"] = self.adapters.num_parameters()
+        return meta
+
+
+@TRAINER_REGISTRY.register("SeTARFT")
+class SeTARFT(AdapterTrainer):
+    """SeTAR+FT: fine-tune the minor singular components of the matrices a SeTAR search pruned.
+
+    The settings come from ``SETAR.SETTINGS_FILE`` (a ``best_settings.json``); with it empty the
+    trainer can only load a checkpoint (the adapters are rebuilt from its description).
+    """
+
+    adapter_kind = "setar"
+
+    def _settings_file(self) -> str:
+        path = str(self.cfg.SETAR.SETTINGS_FILE or "").strip()
+        return "" if path.lower() == "none" else path
+
+    def _no_adapters_hint(self) -> str:
+        return ("set SETAR.SETTINGS_FILE (--settings) to the best_settings.json of a SeTAR search "
+                "(`python -m locoop setar-search`)")
+
+    def _build_adapters(self) -> None:
+        from locoop.setar.settings import load_settings
+
+        path = self._settings_file()
+        if not path:
+            if self.cfg.VERBOSE:
+                print("Note: no SETAR.SETTINGS_FILE; the adapters will be rebuilt from the checkpoint that is loaded")
+            return
+        settings = load_settings(path, self.clip_model)
+        built = add_setar_adapters(self.clip_model, settings, prune_type=self.cfg.SETAR.PRUNE_TYPE,
+                                   seed=max(int(self.cfg.SEED), 0), dropout=self._dropout(), backbone=self.backbone,
+                                   base_sha256=self.base_sha256)
+        self.adapters.attach(built.meta, built._layers, built._names)
+        self.settings_file = os.path.abspath(path)
+
+
+@TRAINER_REGISTRY.register("LoRA")
+class LoRA(AdapterTrainer):
+    """Plain LoRA baseline: one rank on ``SETAR.WEIGHT_TYPES`` of every block of both towers."""
+
+    adapter_kind = "lora"
+
+    def _build_adapters(self) -> None:
+        c = self.cfg
+        built = add_lora_adapters(self.clip_model, list(c.SETAR.WEIGHT_TYPES), int(c.SETAR.FT.LORA_RANK),
+                                  float(c.SETAR.FT.LORA_ALPHA), include_proj=not bool(c.SETAR.FREEZE_PROJ),
+                                  dropout=self._dropout(), backbone=self.backbone, base_sha256=self.base_sha256)
+        self.adapters.attach(built.meta, built._layers, built._names)
