@@ -115,7 +115,7 @@ def test_missing_ood_folder_fails_before_any_image(tmp_path, data_root, model_an
     root, _ = data_root
     model, text = model_and_text
     calls = []
-    monkeypatch.setattr(runner_mod, "extract_features", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(runner_mod, "iter_feature_batches", lambda *a, **k: calls.append(1))
     cfg = make_cfg(root, ["OOD.DATASETS", "['iNaturalist', 'SUN', 'Places']"])
     with pytest.raises(FileNotFoundError) as e:
         run_ood_benchmark(cfg, model, text, tmp_path, verbose=False)
@@ -127,7 +127,7 @@ def test_missing_ood_folder_fails_before_any_image(tmp_path, data_root, model_an
 def test_unknown_score_and_bad_inputs_fail_early(tmp_path, data_root, model_and_text, monkeypatch):
     root, _ = data_root
     model, text = model_and_text
-    monkeypatch.setattr(runner_mod, "extract_features", lambda *a, **k: pytest.fail("encoded images"))
+    monkeypatch.setattr(runner_mod, "iter_feature_batches", lambda *a, **k: pytest.fail("encoded images"))
     with pytest.raises(ValueError, match="unknown OOD score 'MCMM'.*valid scores: MCM"):
         run_ood_benchmark(make_cfg(root, ["OOD.SCORES", "['MCMM']"]), model, text, tmp_path, verbose=False)
     with pytest.raises(ValueError, match="OOD.T"):
@@ -185,6 +185,15 @@ def test_features_normalised_local_fp16_and_chunking_exact(data_root, model_and_
     np.testing.assert_array_equal(preds, preds2)
     chunks = list(iter_similarities(feats, text, chunk_elements=3 * 17))  # 1 row per chunk
     assert [(lo, hi) for lo, hi, _, _ in chunks] == [(i, i + 1) for i in range(9)]
+
+    # The streaming form gives the same features batch by batch.
+    from locoop.ood.features import concat_features, iter_feature_batches
+
+    parts = list(iter_feature_batches(model, loader, "cpu"))
+    assert [len(p) for p in parts] == [4, 4, 1]
+    streamed = concat_features(parts)
+    torch.testing.assert_close(streamed.local_feats, feats.local_feats)
+    assert streamed.impaths == feats.impaths
 
     glob_only = extract_features(model, loader, "cpu", with_local=False)
     assert glob_only.local_feats is None

@@ -1,11 +1,13 @@
 """Image features of a data set, extracted once, and scores computed from them.
 
-One extraction function serves the OOD benchmark, SeTAR and the feature cache, so every
-consumer sees the same features: CLIP's projected global feature and the per-patch local
+One extraction path (:func:`iter_feature_batches`, collected by :func:`extract_features`)
+serves the OOD benchmark, SeTAR and the feature cache, so every consumer sees the same features: CLIP's projected global feature and the per-patch local
 features (LoCoOp's value path), both L2-normalised in float32. Local features are stored in
 float16 by default (values in [-1, 1]; 196 x 512 x 2 bytes = 200 KB per ViT-B/16 image) and
 converted back to float32 for every computation.
 
+The benchmark streams batches and keeps only the scores, so its memory does not grow with the
+data set; consumers that reuse features (SeTAR, the cache) keep the whole :class:`FeatureSet`.
 Scores only need the text side on top: :func:`iter_similarities` turns features into cosine
 similarities chunk by chunk (never the whole ``[N, P, C]`` local tensor at once) and
 :func:`score_features` feeds the chunks to :func:`locoop.ood.scores.compute_scores`.
@@ -21,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["FeatureSet", "extract_features", "normalize_text_features", "iter_similarities", "score_features"]
+__all__ = ["FeatureSet", "extract_features", "iter_feature_batches", "concat_features", "normalize_text_features", "iter_similarities", "score_features"]
 
 Device = Union[str, torch.device]
 
@@ -67,7 +69,36 @@ def _autocast(device: torch.device, amp: bool):
     return nullcontext()
 
 
-@torch.inference_mode()
+def iter_feature_batches(clip_model: torch.nn.Module, loader: Iterable[dict], device: Device = "cpu",
+                         with_local: bool = True, amp: bool = False, local_dtype: torch.dtype = torch.float16,
+                         progress: Optional[bool] = None, desc: str = "features") -> Iterator[FeatureSet]:
+    """Encode ``loader`` batch by batch: one :class:`FeatureSet` per batch (``skipped`` left 0).
+
+    The streaming form of :func:`extract_features` (same arguments): a consumer that only needs
+    scores keeps memory at one batch instead of ``N x P x D`` local features.
+    """
+    from tqdm import tqdm
+
+    device = torch.device(device)
+    if progress is None:
+        progress = sys.stderr.isatty()
+    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        images = batch["img"].to(device, non_blocking=True)
+        with torch.no_grad(), _autocast(device, amp):
+            out = clip_model.encode_image(images, return_local=with_local)
+            glob, loc = out if with_local else (out, None)
+            # Normalise in float32: fp16 norms of 512-d vectors lose digits the scores can see.
+            glob = F.normalize(glob.float(), dim=-1).cpu()
+            if loc is not None:
+                loc = F.normalize(loc.float(), dim=-1).to(local_dtype).cpu()
+        yield FeatureSet(global_feats=glob, local_feats=loc, labels=torch.as_tensor(batch["label"]).long().cpu(),
+                         impaths=list(batch["impath"]))
+
+
+def _skipped(loader: Iterable[dict]) -> Dict[str, str]:
+    return dict(getattr(loader, "skipped", {}) or {})
+
+
 def extract_features(clip_model: torch.nn.Module, loader: Iterable[dict], device: Device = "cpu",
                      with_local: bool = True, amp: bool = False, local_dtype: torch.dtype = torch.float16,
                      progress: Optional[bool] = None, desc: str = "features") -> FeatureSet:
@@ -91,35 +122,26 @@ def extract_features(clip_model: torch.nn.Module, loader: Iterable[dict], device
     Raises:
         ValueError: the loader yielded no images at all.
     """
-    from tqdm import tqdm
+    parts = list(iter_feature_batches(clip_model, loader, device, with_local, amp, local_dtype, progress, desc))
+    return concat_features(parts, _skipped(loader))
 
-    device = torch.device(device)
-    if progress is None:
-        progress = sys.stderr.isatty()
-    globals_: List[torch.Tensor] = []
-    locals_: List[torch.Tensor] = []
-    labels: List[torch.Tensor] = []
-    paths: List[str] = []
-    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
-        images = batch["img"].to(device, non_blocking=True)
-        with _autocast(device, amp):
-            out = clip_model.encode_image(images, return_local=with_local)
-        glob, loc = out if with_local else (out, None)
-        # Normalise in float32: fp16 norms of 512-d vectors lose digits the scores can see.
-        globals_.append(F.normalize(glob.float(), dim=-1).cpu())
-        if loc is not None:
-            locals_.append(F.normalize(loc.float(), dim=-1).to(local_dtype).cpu())
-        labels.append(torch.as_tensor(batch["label"]).long().cpu())
-        paths.extend(batch["impath"])
-    skipped_paths = dict(getattr(loader, "skipped", {}) or {})
-    if not globals_:
+
+def concat_features(parts: Sequence[FeatureSet], skipped_paths: Optional[Dict[str, str]] = None) -> FeatureSet:
+    """One :class:`FeatureSet` from per-batch parts (in order).
+
+    Raises:
+        ValueError: no parts (the loader yielded no images).
+    """
+    skipped_paths = dict(skipped_paths or {})
+    if not parts:
         where = f" ({len(skipped_paths)} unreadable images skipped)" if skipped_paths else ""
         raise ValueError(f"the data loader yielded no images{where}; nothing to encode")
+    with_local = parts[0].local_feats is not None
     return FeatureSet(
-        global_feats=torch.cat(globals_),
-        local_feats=torch.cat(locals_) if with_local else None,
-        labels=torch.cat(labels),
-        impaths=paths,
+        global_feats=torch.cat([p.global_feats for p in parts]),
+        local_feats=torch.cat([p.local_feats for p in parts]) if with_local else None,
+        labels=torch.cat([p.labels for p in parts]),
+        impaths=[path for p in parts for path in p.impaths],
         skipped=len(skipped_paths),
         skipped_paths=skipped_paths,
     )

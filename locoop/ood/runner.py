@@ -20,7 +20,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from locoop.ood.features import FeatureSet, extract_features, score_features
+from locoop.ood.features import iter_feature_batches, score_features
 
 __all__ = ["run_ood_benchmark", "check_benchmark_inputs", "SCORES_NPZ", "PLOTS_DIR"]
 
@@ -150,34 +150,35 @@ def run_ood_benchmark(cfg: Any, clip_model: torch.nn.Module, text_features: torc
     was_training = clip_model.training
     clip_model.eval()
 
-    def encode(name: str, items: Sequence) -> FeatureSet:
+    def encode_and_score(name: str, items: Sequence):
+        """Stream one set through the model; keep only scores, predictions and labels."""
         if verbose:
             print(f"Encoding {name}: {len(items):,} images")
-        return extract_features(clip_model, _loader(cfg, items, tfm), device, with_local=checked["with_local"],
-                                amp=amp, desc=name, progress=None if verbose else False)
-
-    def score(feats: FeatureSet):
-        return score_features(feats, text_features, scores, T=T, logit_scale=logit_scale, device=device)
+        loader = _loader(cfg, items, tfm)
+        parts, preds, labels = {s: [] for s in scores}, [], []
+        for batch in iter_feature_batches(clip_model, loader, device, with_local=checked["with_local"], amp=amp,
+                                          desc=name, progress=None if verbose else False):
+            batch_scores, batch_preds = score_features(batch, text_features, scores, T=T, logit_scale=logit_scale,
+                                                       device=device)
+            for s, v in batch_scores.items():
+                parts[s].append(v)
+            preds.append(batch_preds)
+            labels.append(batch.labels.numpy())
+        skipped = sorted(getattr(loader, "skipped", {}) or {})
+        if not preds:
+            raise ValueError(f"{name}: none of the {len(items)} images could be read ({len(skipped)} skipped)")
+        num_images[name], num_skipped[name], skipped_paths[name] = sum(len(p) for p in preds), len(skipped), skipped
+        return {s: np.concatenate(v) for s, v in parts.items()}, np.concatenate(preds), np.concatenate(labels)
 
     num_images: Dict[str, int] = {}
     num_skipped: Dict[str, int] = {}
     skipped_paths: Dict[str, list] = {}
     try:
-        id_name = f"ID ({cfg.DATASET.NAME})"
-        feats = encode(id_name, dataset.test)
-        id_scores, preds = score(feats)
-        labels = feats.labels.numpy()
+        id_scores, preds, labels = encode_and_score("ID", dataset.test)
         id_accuracy = float((preds == labels).mean())
-        num_images["ID"], num_skipped["ID"] = len(feats), feats.skipped
-        skipped_paths["ID"] = sorted(feats.skipped_paths)
-        del feats
         ood_scores: Dict[str, Dict[str, np.ndarray]] = {}
         for set_name, items in ood_items.items():
-            feats = encode(set_name, items)
-            ood_scores[set_name], _ = score(feats)
-            num_images[set_name], num_skipped[set_name] = len(feats), feats.skipped
-            skipped_paths[set_name] = sorted(feats.skipped_paths)
-            del feats
+            ood_scores[set_name], _, _ = encode_and_score(set_name, items)
     finally:
         clip_model.train(was_training)
 
