@@ -7,7 +7,7 @@ import time
 from collections import defaultdict
 from typing import Any, Optional, TextIO
 
-__all__ = ["Logger", "setup_logger", "close_logger", "AverageMeter", "MetricMeter"]
+__all__ = ["Logger", "setup_logger", "close_logger", "silence_stdout", "AverageMeter", "MetricMeter"]
 
 
 class Logger:
@@ -52,10 +52,17 @@ def setup_logger(output: Optional[str]) -> Optional[Logger]:
 
     A resumed run appends to the same file. Calling it again switches to the new file.
 
+    Under torchrun only rank 0 writes ``log.txt``; the other ranks' stdout is silenced.
+
     Returns:
-        The installed :class:`Logger`, or None when ``output`` is empty.
+        The installed :class:`Logger`, or None when ``output`` is empty or this is not rank 0.
     """
     if not output:
+        return None
+    from .dist import is_main_process
+
+    if not is_main_process():
+        silence_stdout()
         return None
     fpath = output if output.endswith((".txt", ".log")) else os.path.join(output, "log.txt")
     current = sys.stdout
@@ -68,6 +75,35 @@ def setup_logger(output: Optional[str]) -> Optional[Logger]:
     sys.stdout = logger
     print(f"\n===== log opened {time.strftime('%Y-%m-%d %H:%M:%S')} =====")
     return logger
+
+
+class _SilentLogger(Logger):
+    """Stdout of non-zero ranks: prints nothing; ``console`` keeps the real stdout for :func:`close_logger`."""
+
+    def __init__(self, console: TextIO):
+        self.console = console
+        self.fpath = os.devnull
+        self.file = None
+
+    def write(self, msg: str) -> int:
+        return len(msg)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+
+def silence_stdout() -> None:
+    """Discard everything printed to stdout from now on (undone by :func:`close_logger`)."""
+    current = sys.stdout
+    if isinstance(current, _SilentLogger):
+        return
+    console = current.console if isinstance(current, Logger) else current
+    if isinstance(current, Logger):
+        current.close()
+    sys.stdout = _SilentLogger(console)
 
 
 def close_logger() -> None:
