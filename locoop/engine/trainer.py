@@ -14,6 +14,18 @@ on the last batch; if it did not during an epoch, ``run_epoch`` does it after th
 Resume: ``OUTPUT_DIR/<model name>/model.pth.tar-<epoch>`` hold weights, optimiser, scheduler, AMP
 scaler and RNG states; with the same seed a killed and resumed run ends bitwise equal (on CPU) to an
 uninterrupted one. See :mod:`locoop.engine.seed` for what the data loaders must respect.
+
+Distributed (``torchrun --nproc_per_node N``, see :mod:`locoop.engine.dist`): the trainer joins the
+process group when it is built; every rank trains a full copy of the registered models on its
+shard of the training data (a ``DistributedSampler`` inside the training loader), the registered
+models' weights are broadcast from rank 0 once, and their gradients are averaged over the ranks
+before every optimiser step (:meth:`TrainerBase.sync_gradients`, one bucketed all-reduce), which
+is what ``DistributedDataParallel`` computes. The modules are not wrapped in DDP because LoCoOp's
+text encoder reads the prompt learner's tensors without calling its ``forward``, and DDP's
+reducer silently skips the all-reduce when the forward bypasses the wrapper. The global batch is
+``DATALOADER.TRAIN_X.BATCH_SIZE * world size`` (keep the product, or scale ``OPTIM.LR``, when
+changing the number of processes). Validation/test loaders are sharded and the outputs gathered,
+so every image is evaluated once. Only rank 0 logs, shows progress bars and writes checkpoints.
 """
 from __future__ import annotations
 
@@ -32,6 +44,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from . import dist
 from .checkpoint import check_trainer, latest_checkpoint, load_checkpoint, resume_from_checkpoint, save_checkpoint
 from .evaluator import build_evaluator as _build_evaluator
 from .logger import AverageMeter, MetricMeter, setup_logger
@@ -45,8 +58,7 @@ def _tolist(names: Union[str, Iterable[str]]) -> list:
 
 
 def _is_main_process() -> bool:
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) \
-        or torch.distributed.get_rank() == 0
+    return dist.is_main_process()
 
 
 def select_device(cfg: Any) -> torch.device:
@@ -130,6 +142,7 @@ class TrainerBase:
                    model_name: str = "") -> None:
         """Save every registered model to ``directory/<name>/`` (file ``model.pth.tar-<epoch + 1>``)."""
         if not _is_main_process():
+            dist.barrier()  # matches rank 0's barrier below: nobody reads a checkpoint being written
             return
         rng_states = get_rng_states()  # one capture for all models: saving consumes no randomness
         for name in self.get_model_names():
@@ -147,6 +160,7 @@ class TrainerBase:
                 "rng_states": rng_states,
             }
             save_checkpoint(state, osp.join(directory, name), is_best=is_best, model_name=model_name)
+        dist.barrier()
 
     def resume_model_if_exist(self, directory: str) -> int:
         """Resume all registered models from their latest checkpoints in ``directory``.
@@ -365,7 +379,34 @@ class TrainerBase:
         else:
             loss.backward()
 
+    def sync_gradients(self, names: Optional[Union[str, Iterable[str]]] = None) -> None:
+        """Average the trainable parameters' gradients over the ranks (no-op in one process).
+
+        Called by :meth:`model_update` before the optimiser steps. A parameter without a gradient
+        on this rank contributes zeros, so every rank joins the same collective.
+        """
+        if not dist.is_distributed():
+            return
+        grads = []
+        for name in self.get_model_names(names):
+            if self._optims[name] is None:
+                continue
+            for p in self._models[name].parameters():
+                if p.requires_grad:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    grads.append(p.grad)
+        dist.all_reduce_mean_(grads)
+
+    def broadcast_models(self) -> None:
+        """Give every rank rank 0's weights of the registered models (as DDP does when it starts)."""
+        if not dist.is_distributed():
+            return
+        for name in self.get_model_names():
+            dist.broadcast_module_(self._models[name], src=0)
+
     def model_update(self, names: Optional[Union[str, Iterable[str]]] = None) -> None:
+        self.sync_gradients(names)
         for name in self.get_model_names(names):
             if self._optims[name] is not None:
                 if self.scaler is not None:
@@ -394,6 +435,7 @@ class SimpleTrainer(TrainerBase):
         super().__init__()
         self.check_cfg(cfg)
         self.device = select_device(cfg)
+        dist.init_from_env(self.device)  # no-op without torchrun's environment variables
         self.start_epoch = self.epoch = 0
         self.max_epoch = cfg.OPTIM.MAX_EPOCH
         self.output_dir = cfg.OUTPUT_DIR
@@ -404,6 +446,11 @@ class SimpleTrainer(TrainerBase):
             setup_logger(self.output_dir)
         self.build_data_loader()
         self.build_model()
+        self.broadcast_models()
+        if dist.is_distributed() and cfg.VERBOSE:
+            w = dist.get_world_size()
+            print(f"Distributed: {w} processes ({dist.backend_for(self.device)}), global batch "
+                  f"{int(cfg.DATALOADER.TRAIN_X.BATCH_SIZE) * w} = {cfg.DATALOADER.TRAIN_X.BATCH_SIZE} per process x {w}")
         self.build_evaluator()
 
     def check_cfg(self, cfg: Any) -> None:
@@ -474,7 +521,7 @@ class SimpleTrainer(TrainerBase):
         self.close_writer()
 
     def _use_progress_bar(self) -> bool:
-        return bool(self.cfg.VERBOSE) and sys.stderr.isatty()
+        return bool(self.cfg.VERBOSE) and sys.stderr.isatty() and _is_main_process()
 
     @torch.no_grad()
     def test(self, split: Optional[str] = None) -> float:
@@ -490,10 +537,21 @@ class SimpleTrainer(TrainerBase):
         if loader is None:
             raise ValueError("No test data loader; set test_loader in build_data_loader().")
         print(f"Evaluate on the *{split}* set")
+        # Distributed: the loaders hold contiguous shards (DataManager); outputs are gathered in rank
+        # order, which is the data order, and every rank evaluates all of them.
+        gather = dist.is_distributed()
+        pending = []
         for batch in tqdm(loader, desc=f"test ({split})", disable=not self._use_progress_bar(), leave=False):
             input, label = self.parse_batch_test(batch)
             output = self.model_inference(input)
-            self.evaluator.process(output, label)
+            if gather:
+                pending.append((output.detach().cpu(), label.detach().cpu()))
+            else:
+                self.evaluator.process(output, label)
+        if gather:
+            for shard in dist.all_gather_object(pending):
+                for output, label in shard:
+                    self.evaluator.process(output, label)
         results = self.evaluator.evaluate()
         for k, v in results.items():
             self.write_scalar(f"{split}/{k}", v, self.epoch)
