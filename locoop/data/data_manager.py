@@ -4,6 +4,11 @@ Loaders are deterministic for a seed: each epoch's order and every image's augme
 a generator seeded with ``(cfg.SEED, epoch)`` (when the run is not seeded, the loader seed is drawn
 from torch's global generator, so ``torch.manual_seed`` alone also fixes it). The same seed gives the
 same batches with 0 or N workers, and a resumed run gets the same epochs after ``set_epoch``.
+
+Distributed runs (torchrun, :mod:`locoop.engine.dist`): a training loader shards the data with a
+``DistributedSampler`` (same permutation on every rank, seeded by the loader seed and the epoch;
+each rank takes every W-th index), and :class:`DataManager`'s validation/test loaders read
+contiguous shards whose outputs the trainer gathers.
 """
 from __future__ import annotations
 
@@ -14,7 +19,9 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, RandomSampler, Sampler, SequentialSampler
+from torch.utils.data.distributed import DistributedSampler
 
+from ..engine import dist
 from ..engine.registry import DATASET_REGISTRY
 from .datum import DatasetBase, Datum
 from .image_io import CorruptImageWarning, DatasetWrapper, collate_skipping
@@ -141,7 +148,9 @@ def build_data_loader(
         num_workers: worker processes (``persistent_workers`` when > 0).
         drop_last: override the default above.
         sampler: an explicit index sampler (e.g. ``DistributedSampler(data_source)``); replaces
-            ``shuffle``. Its ``set_epoch`` is called at every epoch.
+            ``shuffle``. Its ``set_epoch`` is called at every epoch. In a distributed run a
+            training loader without one gets a ``DistributedSampler`` (this rank's share of each
+            epoch, ``shuffle`` as above, padded by repetition to equal shares).
         seed: the loader seed (order and augmentations of every epoch); ``None`` draws it from
             torch's global generator.
         strict: raise on an unreadable image instead of skipping it.
@@ -156,11 +165,22 @@ def build_data_loader(
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
     if shuffle is None:
         shuffle = bool(is_train)
+    auto_drop_last = drop_last is None
     if drop_last is None:
         drop_last = bool(is_train) and len(data_source) >= batch_size
     if seed is None or seed < 0:
         seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
     sampler_generator = torch.Generator()
+    sample_seed = seed
+    if sampler is None and is_train and dist.is_distributed():
+        seed = int(dist.broadcast_object(seed))  # one permutation for all ranks, also when unseeded
+        sampler = DistributedSampler(range(len(data_source)), num_replicas=dist.get_world_size(),
+                                     rank=dist.get_rank(), shuffle=bool(shuffle), seed=_mix(seed, 0, stream=2))
+        # Per-sample augmentation seeds are drawn by position: a rank-specific stream keeps the
+        # ranks' augmentations independent.
+        sample_seed = _mix(seed, dist.get_rank(), stream=3)
+        if auto_drop_last:
+            drop_last = len(sampler) >= batch_size  # this rank's share decides, as the data size does above
     if sampler is None:
         sampler = (RandomSampler(range(len(data_source)), generator=sampler_generator) if shuffle
                    else SequentialSampler(range(len(data_source))))
@@ -172,7 +192,7 @@ def build_data_loader(
     return SkippingDataLoader(
         DatasetWrapper(data_source, tfm, strict=strict),
         batch_size=int(batch_size),
-        sampler=SeededSampler(sampler, sampler_generator, seed),
+        sampler=SeededSampler(sampler, sampler_generator, sample_seed),
         num_workers=num_workers,
         drop_last=drop_last,
         pin_memory=torch.cuda.is_available(),
@@ -244,8 +264,12 @@ class DataManager:
         test_bs = int(cfg.DATALOADER.TEST.BATCH_SIZE)
 
         def eval_loader(items):
+            if not items:
+                return None
+            # Distributed: a contiguous shard per rank; SimpleTrainer.test gathers the outputs in order.
+            shard = dist.shard_indices(len(items)) if dist.is_distributed() else None
             return build_data_loader(items, test_bs, self.tfm_test, is_train=False, num_workers=workers,
-                                     seed=seed, strict=strict, shuffle=shuffle_test) if items else None
+                                     seed=seed, strict=strict, shuffle=shuffle_test, sampler=shard)
 
         self.train_loader_x = None
         if dataset.train_x:
