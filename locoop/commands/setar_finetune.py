@@ -1,0 +1,130 @@
+"""``python -m locoop setar-finetune``: SeTAR+FT (or the LoRA baseline), then the OOD benchmark.
+
+    python -m locoop setar-finetune --root DATA \
+        --config-file configs/setar/finetune/imagenet/SeTAR+FT.yaml \
+        --settings output/setar/imagenet/SeTAR/best_settings.json \
+        --output-dir output/setar/imagenet/SeTAR+FT DATASET.VAL_SPLIT_FILE imagenet1k_val_data.json
+
+    python -m locoop setar-finetune --root DATA \
+        --config-file configs/setar/finetune/imagenet/LoRA.yaml --output-dir output/setar/imagenet/LoRA ...
+
+1. Fine-tune (trainer ``TRAINER.NAME``: ``SeTARFT`` or ``LoRA``; empty: chosen by
+   ``SETAR.FT.ADAPTER`` setar/lora) with the LoCoOp loss (``SETAR.FT.LAMBDA`` / ``TOPK``;
+   ``--lambda_value`` / ``--topk`` set these here). ``--settings`` is the ``best_settings.json``
+   of a SeTAR search (``SETAR.SETTINGS_FILE``; SeTARFT only). Checkpoints go to
+   ``OUTPUT_DIR/adapters/``; started again, the command resumes from the latest one (a finished
+   run goes straight to the test).
+2. Test: the fine-tuned model through the shared OOD benchmark runner (``OOD.SCORES``, ID
+   accuracy): ``ood_results.{md,csv,json}``, ``ood_scores.npz``, ``plots/``. ``--no-test`` stops
+   after training.
+
+Also written: ``config.yaml``, ``run_info.json`` (with the adapters' description) and, for
+SeTARFT, ``finetune_settings.json`` (the settings used). A finished run can be evaluated again with
+``python -m locoop eval --trainer SeTARFT --model-dir OUTPUT_DIR`` (the adapters are rebuilt from
+the checkpoint).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+from locoop.commands._common import (add_common_arguments, build_cfg, check_trainer, prepare_run, run_command,
+                                     write_run_info)
+
+ADAPTER_TRAINERS = {"setar": "SeTARFT", "lora": "LoRA"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the common flags plus ``--settings`` and ``--no-test``."""
+    parser.add_argument("--settings", type=str, default=None, metavar="JSON",
+                        help="best_settings.json of a SeTAR search (SETAR.SETTINGS_FILE; SeTARFT)")
+    parser.add_argument("--no-test", action="store_true", help="stop after training (no OOD benchmark)")
+    add_common_arguments(parser, "setar")
+
+
+def resolve_trainer(cfg) -> str:
+    """``TRAINER.NAME``, or the trainer of ``SETAR.FT.ADAPTER`` when it is empty.
+
+    Raises:
+        ValueError: unknown adapter kind, or a trainer that is not an adapter fine-tuner.
+    """
+    name = str(cfg.TRAINER.NAME or "").strip()
+    if not name:
+        kind = str(cfg.SETAR.FT.ADAPTER)
+        if kind not in ADAPTER_TRAINERS:
+            raise ValueError(f"SETAR.FT.ADAPTER must be one of {list(ADAPTER_TRAINERS)}, got {kind!r}")
+        name = ADAPTER_TRAINERS[kind]
+    if name not in ADAPTER_TRAINERS.values():
+        raise ValueError(f"setar-finetune trains the {' or '.join(ADAPTER_TRAINERS.values())} trainers, not "
+                         f"{name!r}; use `python -m locoop train` for prompt learners")
+    return name
+
+
+def _run(args: argparse.Namespace) -> int:
+    cfg = build_cfg(args, freeze=False)
+    if args.settings is not None:
+        cfg.SETAR.SETTINGS_FILE = args.settings
+    # The shared flags set LoCoOp's keys; here they mean the fine-tuning loss.
+    if args.lambda_value is not None:
+        cfg.SETAR.FT.LAMBDA = float(args.lambda_value)
+    if args.topk is not None:
+        cfg.SETAR.FT.TOPK = int(args.topk)
+    cfg.TRAINER.NAME = resolve_trainer(cfg)
+    cfg.freeze()
+
+    import locoop.setar.finetune  # noqa: F401  (registers SeTARFT and LoRA)
+
+    check_trainer(cfg.TRAINER.NAME)
+    settings_file = str(cfg.SETAR.SETTINGS_FILE or "").strip()
+    if cfg.TRAINER.NAME == "SeTARFT":
+        if not settings_file or settings_file.lower() == "none":
+            raise ValueError("SeTAR+FT needs the settings of a SeTAR search: pass --settings "
+                             "OUTPUT_OF_SEARCH/best_settings.json (SETAR.SETTINGS_FILE)")
+        from locoop.setar.settings import load_settings
+
+        load_settings(settings_file)  # format now; layers and ratios once the model is loaded
+    if not args.no_test:
+        from locoop.ood.runner import check_benchmark_inputs
+
+        check_benchmark_inputs(cfg)
+    if not cfg.OUTPUT_DIR:
+        raise ValueError("OUTPUT_DIR is empty; pass --output-dir")
+    prepare_run(cfg, args)
+
+    import torch
+
+    from locoop.engine.registry import build_trainer
+
+    trainer = build_trainer(cfg)
+    described = trainer.describe()
+    extra = {"adapters": described}
+    if cfg.TRAINER.NAME == "SeTARFT":
+        from locoop.setar.settings import save_settings
+
+        extra["settings_file"] = os.path.abspath(settings_file)
+        save_settings(os.path.join(cfg.OUTPUT_DIR, "finetune_settings.json"), described["settings"])
+    write_run_info(cfg, trainer, extra=extra)
+    trainer.final_test = False  # the benchmark below reports the ID accuracy on the same test split
+    trainer.train()
+    if args.no_test:
+        return 0
+
+    from locoop.ood.runner import run_ood_benchmark
+
+    trainer.set_model_mode("eval")
+    with torch.no_grad():
+        text = trainer.text_features()
+        meta = {"trainer": cfg.TRAINER.NAME, "adapters": trainer.describe(), "model_dir": cfg.OUTPUT_DIR,
+                "final_model": cfg.TEST.FINAL_MODEL, "epochs": int(cfg.OPTIM.MAX_EPOCH)}
+        ds = trainer.dm.dataset
+        for key in ("split_file", "split_hash", "val_split_file", "val_split_hash"):
+            if getattr(ds, key, None):
+                meta[key] = getattr(ds, key)
+        run_ood_benchmark(cfg, trainer.clip_model, text, cfg.OUTPUT_DIR, meta=meta, device=trainer.device,
+                          dataset=ds, verbose=bool(cfg.VERBOSE))
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Fine-tune and test; 2 on bad input."""
+    return run_command("setar-finetune", _run, args)
