@@ -36,7 +36,8 @@ def data_root(tmp_path_factory):
 
 
 def run_script(script, args, cwd, **env):
-    full_env = dict(os.environ, PYTHON=sys.executable, **{k: str(v) for k, v in env.items()})
+    # One OpenMP thread: tiny matmuls gain nothing from more, and a busy CI machine makes them wait.
+    full_env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1", **{k: str(v) for k, v in env.items()})
     return subprocess.run(["bash", str(REPO / "scripts/locoop" / script)] + [str(a) for a in args], cwd=cwd,
                           env=full_env, capture_output=True, text=True, timeout=300)
 

@@ -57,6 +57,9 @@ def _run_step(name: str, cmd: Sequence[str], log_dir: Path, quiet: bool) -> floa
     env = dict(os.environ)
     env["PYTHONPATH"] = str(_repo_root()) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("PYTHONUNBUFFERED", "1")
+    # The tiny model's matmuls are too small to gain from threads; on a busy machine extra OpenMP
+    # threads only wait for each other (batch times jump 10x). An explicit setting wins.
+    env.setdefault("OMP_NUM_THREADS", "1")
     if not quiet:
         print(f"\n$ {' '.join(cmd[1:]) if cmd[0] == sys.executable else ' '.join(cmd)}", flush=True)
     t0 = time.time()
@@ -136,6 +139,7 @@ def _run(args: argparse.Namespace) -> int:
         "--trainer", "LoCoOp", "--model-dir", str(run_dir), "--load-epoch", str(args.epochs),
         "--topk", str(DEMO_TOPK), "--image_path", str(image), "--label", "0"] + opts, logs, args.quiet)
 
+    from locoop.commands._common import final_checkpoint
     from locoop.ood.results import format_table, read_results
     from locoop.viz.regions import visualization_path
 
@@ -148,7 +152,7 @@ def _run(args: argparse.Namespace) -> int:
     vis = visualization_path(image, run_dir, data)
     print(f"\nFiles:\n  results      {run_dir / 'ood_results.md'} (+ .csv, .json; all {len(doc['scores'])} scores)"
           f"\n  histograms   {run_dir / 'plots'}/"
-          f"\n  checkpoint   {run_dir}/<model>/model.pth.tar-{args.epochs}"
+          f"\n  checkpoint   {final_checkpoint(str(run_dir), args.epochs)}"
           f"\n  training log {run_dir / 'log.txt'}"
           f"\n  OOD regions  {vis}\n               {vis.with_name(vis.stem + '_regions.png')}"
           f"\n  step logs    {logs}/")
