@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 
+import numpy as np
 import pytest
 import torch
 
@@ -437,6 +438,17 @@ def test_finetune_command_end_to_end(data_root, tiny_vit_path, tmp_path):
     assert sorted(os.listdir(out / "adapters")) == ["checkpoint", "model.pth.tar-1"]
     after = load_checkpoint(str(out / "adapters" / "model.pth.tar-1"))["state_dict"]
     assert all(torch.equal(before[k], after[k]) for k in before if k != "_extra_state")
+    # testing the finished run from its folder alone (no settings): the same results
+    again = tmp_path / "again"
+    assert main(["setar-finetune", "--root", str(data_root), "--config-file",
+                 os.path.join(REPO, "configs/setar/finetune/imagenet/SeTAR+FT.yaml"), "--model-dir", str(out),
+                 "--output-dir", str(again)] + argv[argv.index("MODEL.BACKBONE.NAME"):]) == 0
+    first, second = (json.loads((d / "ood_results.json").read_text()) for d in (out, again))
+    assert second["id_accuracy"] == first["id_accuracy"]
+    a, b = np.load(out / "ood_scores.npz"), np.load(again / "ood_scores.npz")
+    assert sorted(a.files) == sorted(b.files) and "Texture/GL-MCM" in a.files
+    for k in a.files:
+        np.testing.assert_allclose(a[k], b[k], atol=1e-5)
 
 
 @pytest.mark.parametrize("extra, want", [

@@ -18,18 +18,20 @@
    accuracy): ``ood_results.{md,csv,json}``, ``ood_scores.npz``, ``plots/``. ``--no-test`` stops
    after training.
 
+``--model-dir RUN [--load-epoch N]`` skips training and tests a finished run (results in
+``--output-dir``, default ``RUN``); the adapters are rebuilt from the checkpoint's description,
+so ``--settings`` is optional there (given, it must match).
+
 Also written: ``config.yaml``, ``run_info.json`` (with the adapters' description) and, for
-SeTARFT, ``finetune_settings.json`` (the settings used). A finished run can be evaluated again with
-``python -m locoop eval --trainer SeTARFT --model-dir OUTPUT_DIR`` (the adapters are rebuilt from
-the checkpoint).
+SeTARFT, ``finetune_settings.json`` (the settings used).
 """
 from __future__ import annotations
 
 import argparse
 import os
 
-from locoop.commands._common import (add_common_arguments, build_cfg, check_trainer, prepare_run, run_command,
-                                     write_run_info)
+from locoop.commands._common import (add_common_arguments, build_cfg, check_model_dir, check_trainer, prepare_run,
+                                     read_run_info, run_command, write_run_info)
 
 ADAPTER_TRAINERS = {"setar": "SeTARFT", "lora": "LoRA"}
 
@@ -61,6 +63,9 @@ def resolve_trainer(cfg) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
+    test_only = bool(args.model_dir)
+    if test_only and not args.output_dir:
+        args.output_dir = args.model_dir
     cfg = build_cfg(args, freeze=False)
     if args.settings is not None:
         cfg.SETAR.SETTINGS_FILE = args.settings
@@ -76,7 +81,11 @@ def _run(args: argparse.Namespace) -> int:
 
     check_trainer(cfg.TRAINER.NAME)
     settings_file = str(cfg.SETAR.SETTINGS_FILE or "").strip()
-    if cfg.TRAINER.NAME == "SeTARFT":
+    if test_only:
+        check_model_dir(args.model_dir, args.load_epoch)
+        if args.no_test:
+            raise ValueError("--model-dir tests a finished run; --no-test would leave nothing to do")
+    if cfg.TRAINER.NAME == "SeTARFT" and not (test_only and not settings_file):
         if not settings_file or settings_file.lower() == "none":
             raise ValueError("SeTAR+FT needs the settings of a SeTAR search: pass --settings "
                              "OUTPUT_OF_SEARCH/best_settings.json (SETAR.SETTINGS_FILE)")
@@ -96,26 +105,33 @@ def _run(args: argparse.Namespace) -> int:
     from locoop.engine.registry import build_trainer
 
     trainer = build_trainer(cfg)
-    described = trainer.describe()
-    extra = {"adapters": described}
-    if cfg.TRAINER.NAME == "SeTARFT":
-        from locoop.setar.settings import save_settings
+    if test_only:
+        trainer.load_model(args.model_dir, epoch=args.load_epoch)
+    else:
+        described = trainer.describe()
+        extra = {"adapters": described}
+        if cfg.TRAINER.NAME == "SeTARFT":
+            from locoop.setar.settings import save_settings
 
-        extra["settings_file"] = os.path.abspath(settings_file)
-        save_settings(os.path.join(cfg.OUTPUT_DIR, "finetune_settings.json"), described["settings"])
-    write_run_info(cfg, trainer, extra=extra)
-    trainer.final_test = False  # the benchmark below reports the ID accuracy on the same test split
-    trainer.train()
-    if args.no_test:
-        return 0
+            extra["settings_file"] = os.path.abspath(settings_file)
+            save_settings(os.path.join(cfg.OUTPUT_DIR, "finetune_settings.json"), described["settings"])
+        write_run_info(cfg, trainer, extra=extra)
+        trainer.final_test = False  # the benchmark below reports the ID accuracy on the same test split
+        trainer.train()
+        if args.no_test:
+            return 0
 
     from locoop.ood.runner import run_ood_benchmark
 
     trainer.set_model_mode("eval")
     with torch.no_grad():
         text = trainer.text_features()
-        meta = {"trainer": cfg.TRAINER.NAME, "adapters": trainer.describe(), "model_dir": cfg.OUTPUT_DIR,
+        meta = {"trainer": cfg.TRAINER.NAME, "adapters": trainer.describe(),
+                "model_dir": args.model_dir or cfg.OUTPUT_DIR, "load_epoch": args.load_epoch,
                 "final_model": cfg.TEST.FINAL_MODEL, "epochs": int(cfg.OPTIM.MAX_EPOCH)}
+        info = read_run_info(args.model_dir) if test_only else None
+        if info:
+            meta["training"] = info
         ds = trainer.dm.dataset
         for key in ("split_file", "split_hash", "val_split_file", "val_split_hash"):
             if getattr(ds, key, None):
