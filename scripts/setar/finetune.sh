@@ -23,6 +23,7 @@
 #   PYTHON    interpreter (default: python)         SEED      -> --seed (default: the config's, SeTAR's 5)
 #   BACKBONE  -> MODEL.BACKBONE.NAME                DEVICE    cpu, cuda, cuda:1 (default automatic)
 #   NO_TEST   1: stop after training (no benchmark)
+#   MODEL_DIR a finished run folder: test it without training (results in OUTPUT; SETTINGS optional)
 set -euo pipefail
 
 if [ "$#" -lt 3 ]; then
@@ -53,6 +54,7 @@ if [ -n "${SEED:-}" ]; then FLAGS+=(--seed "${SEED}"); fi
 if [ -n "${BACKBONE:-}" ]; then FLAGS+=(--backbone "${BACKBONE}"); fi
 if [ -n "${DEVICE:-}" ]; then FLAGS+=(--device "${DEVICE}"); fi
 if [ "${NO_TEST:-0}" = "1" ]; then FLAGS+=(--no-test); fi
+if [ -n "${MODEL_DIR:-}" ]; then FLAGS+=(--model-dir "${MODEL_DIR}"); fi
 
 "${PY}" -m locoop setar-finetune \
     --root "${DATA}" \
