@@ -213,6 +213,9 @@ def test_bad_inputs_fail_before_heavy_work(tmp_path, data_root, tiny_vit_path, c
     rc, _, err = cli(["train"] + args + ["--output-dir", tmp_path / "y", "OPTIM.LRR", "0.1"], capsys)
     assert rc == 2 and "OPTIM.LR" in err
 
+    rc, _, err = cli(["demo", "--output", tmp_path / "demo", "--epochs", 0], capsys)
+    assert rc == 2 and "--epochs must be >= 1" in err and not (tmp_path / "demo").exists()
+
 
 def test_label_outside_the_classes(tmp_path, data_root, tiny_vit_path, capsys):
     image = sorted((data_root / "imagenet/images/val").glob("*/*.JPEG"))[0]

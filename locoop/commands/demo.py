@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -61,7 +63,8 @@ def _run_step(name: str, cmd: Sequence[str], log_dir: Path, quiet: bool) -> floa
     # threads only wait for each other (batch times jump 10x). An explicit setting wins.
     env.setdefault("OMP_NUM_THREADS", "1")
     if not quiet:
-        print(f"\n$ {' '.join(cmd[1:]) if cmd[0] == sys.executable else ' '.join(cmd)}", flush=True)
+        shown = ["python"] + list(cmd[1:]) if cmd[0] == sys.executable else list(cmd)
+        print(f"\n$ {shlex.join(shown)}", flush=True)
     t0 = time.time()
     with open(log, "w", encoding="utf-8") as f:
         proc = subprocess.run(list(cmd), stdout=f, stderr=subprocess.STDOUT, env=env, cwd=str(_repo_root()))
@@ -100,6 +103,8 @@ def _run(args: argparse.Namespace) -> int:
     data, run_dir, logs = out / "data", out / "run", out / "logs"
     ckpt = out / "tiny-clip-vit-p16.pt"
     ds_cfg, method_cfg = _configs()
+    if run_dir.is_dir():  # a fresh run each time (a left-over one would be resumed, not retrained)
+        shutil.rmtree(run_dir)
 
     print("LoCoOp demo: SMOKE RUN on synthetic images with a tiny random-weight CLIP.\n"
           "Its numbers only show that the pipeline works; they say nothing about LoCoOp's accuracy.\n"
