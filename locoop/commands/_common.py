@@ -54,14 +54,17 @@ def add_common_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     p.add_argument("--resume", type=str, default=None,
                    help="checkpoint directory to resume training from (RESUME; default: OUTPUT_DIR itself)")
     p.add_argument("--seed", type=int, default=None, help="fixed seed when >= 0 (SEED)")
-    p.add_argument("--config-file", type=str, default=None, help="method config, e.g. configs/trainers/LoCoOp/vit_b16_ep50.yaml")
-    p.add_argument("--dataset-config-file", type=str, default=None, help="dataset config, e.g. configs/datasets/imagenet.yaml")
+    p.add_argument("--config-file", type=str, default=None,
+                   help="method config, e.g. configs/trainers/LoCoOp/vit_b16_ep50.yaml")
+    p.add_argument("--dataset-config-file", type=str, default=None,
+                   help="dataset config, e.g. configs/datasets/imagenet.yaml")
     p.add_argument("--trainer", type=str, default=None, help="trainer name: LoCoOp, CoOp, ZeroshotCLIP (TRAINER.NAME)")
     p.add_argument("--backbone", type=str, default=None,
                    help="CLIP model name (ViT-B/16, RN50, ...) or checkpoint path (MODEL.BACKBONE.NAME)")
     p.add_argument("--head", type=str, default=None, help="Dassl head name (MODEL.HEAD.NAME; unused by these methods)")
     p.add_argument("--device", type=str, default=None, help="cpu, cuda, cuda:1 (MODEL.DEVICE; default automatic)")
-    p.add_argument("--model-dir", type=str, default=None, help="run folder holding <model>/model.pth.tar-<epoch> to load")
+    p.add_argument("--model-dir", type=str, default=None,
+                   help="run folder holding <model>/model.pth.tar-<epoch> to load")
     p.add_argument("--load-epoch", type=int, default=None,
                    help="load model.pth.tar-<epoch> (default: model-best.pth.tar, else the latest epoch)")
     p.add_argument("--lambda_value", type=float, default=None, help="LoCoOp's OOD-loss weight (TRAINER.LOCOOP.LAMBDA)")
@@ -75,7 +78,8 @@ def add_common_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                        help="exit at once when OUTPUT_DIR already holds the final epoch's checkpoint")
     if command in ("eval", "setar"):
         p.add_argument("--T", type=float, default=None, help="softmax temperature on cosine similarity (OOD.T)")
-        p.add_argument("-b", "--batch-size", type=int, default=None, help="evaluation batch size (DATALOADER.TEST.BATCH_SIZE)")
+        p.add_argument("-b", "--batch-size", type=int, default=None,
+                       help="evaluation batch size (DATALOADER.TEST.BATCH_SIZE)")
         p.add_argument("--in_dataset", type=str, default=None,
                        help="accepted for compatibility; the ID dataset comes from --dataset-config-file")
     if command == "visualize":
@@ -187,7 +191,8 @@ def check_model_dir(model_dir: Optional[str], epoch: Optional[int] = None) -> Di
             raise FileNotFoundError(
                 f"--load-epoch {epoch}: no {want} in {model_dir}; checkpoints found: "
                 + "; ".join(f"{sub}/: {', '.join(files)}" for sub, files in found.items())
-                + (f" (epochs {epochs}; pass one of them to --load-epoch, or omit it for the latest)" if epochs else ""))
+                + (f" (epochs {epochs}; pass one of them to --load-epoch, or omit it for the latest)"
+                   if epochs else ""))
     return found
 
 

@@ -44,7 +44,8 @@ def _repo_root() -> Path:
 
 def _configs() -> tuple:
     root = _repo_root()
-    ds, method = root / "configs" / "datasets" / "imagenet.yaml", root / "configs" / "trainers" / "LoCoOp" / "vit_b16_ep50.yaml"
+    ds = root / "configs" / "datasets" / "imagenet.yaml"
+    method = root / "configs" / "trainers" / "LoCoOp" / "vit_b16_ep50.yaml"
     missing = [str(p) for p in (ds, method) if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"the demo uses the repository's configs, not found: {', '.join(missing)}; "

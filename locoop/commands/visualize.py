@@ -57,7 +57,8 @@ def _run(args: argparse.Namespace) -> int:
         cfg.OUTPUT_DIR, top_k=int(cfg.TRAINER.LOCOOP.TOPK), root=cfg.DATASET.ROOT or None, classnames=classnames,
         device=getattr(trainer, "device", None))
     k = regions.top_k
-    print(f"{int(regions.ood_mask.sum())} of {regions.ood_mask.size} regions ({regions.grid[0]}x{regions.grid[1]} grid) "
+    rows, cols = regions.grid
+    print(f"{int(regions.ood_mask.sum())} of {regions.ood_mask.size} regions ({rows}x{cols} grid) "
           f"are OOD for label {regions.label} (not in their top-{k}); global prediction: {regions.global_pred}")
     print(f"wrote {regions.files['image']}\nwrote {regions.files['figure']}")
     return 0

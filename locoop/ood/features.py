@@ -1,10 +1,11 @@
 """Image features of a data set, extracted once, and scores computed from them.
 
 One extraction path (:func:`iter_feature_batches`, collected by :func:`extract_features`)
-serves the OOD benchmark, SeTAR and the feature cache, so every consumer sees the same features: CLIP's projected global feature and the per-patch local
-features (LoCoOp's value path), both L2-normalised in float32. Local features are stored in
-float16 by default (values in [-1, 1]; 196 x 512 x 2 bytes = 200 KB per ViT-B/16 image) and
-converted back to float32 for every computation.
+serves the OOD benchmark, SeTAR and the feature cache, so every consumer sees the same
+features: CLIP's projected global feature and the per-patch local features (LoCoOp's value
+path), both L2-normalised in float32. Local features are stored in float16 by default (values in
+[-1, 1]; 196 x 512 x 2 bytes = 200 KB per ViT-B/16 image) and converted back to float32 for every
+computation.
 
 The benchmark streams batches and keeps only the scores, so its memory does not grow with the
 data set; consumers that reuse features (SeTAR, the cache) keep the whole :class:`FeatureSet`.
@@ -23,7 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["FeatureSet", "extract_features", "iter_feature_batches", "concat_features", "normalize_text_features", "iter_similarities", "score_features"]
+__all__ = ["FeatureSet", "extract_features", "iter_feature_batches", "concat_features", "normalize_text_features",
+           "iter_similarities", "score_features"]
 
 Device = Union[str, torch.device]
 
