@@ -244,14 +244,17 @@ def broadcast_module_(module: torch.nn.Module, src: int = 0) -> None:
 
 
 def shard_indices(n: int, rank: Optional[int] = None, world_size: Optional[int] = None,
-                  mode: str = "contiguous") -> range:
+                  mode: str = "contiguous", align: int = 1) -> range:
     """Indices of ``range(n)`` handled by ``rank`` of ``world_size`` (defaults: this process).
 
-    ``contiguous``: rank r gets ``[n*r//W, n*(r+1)//W)``: sizes differ by at most one, no padding,
-    and concatenating the shards in rank order restores ``range(n)``. ``strided``: ``range(r, n, W)``.
+    ``contiguous``: the ``ceil(n / align)`` blocks of ``align`` indices are split into W runs
+    whose sizes differ by at most one block; no padding, and concatenating the shards in rank
+    order restores ``range(n)``. With ``align`` = the batch size every rank sees exactly the
+    batches one process would, so batched results are bit-identical to a single process's.
+    ``strided``: ``range(r, n, W)`` (``align`` ignored).
 
     Raises:
-        ValueError: negative ``n``, rank out of range, unknown mode.
+        ValueError: negative ``n``, rank out of range, ``align`` < 1, unknown mode.
     """
     rank = get_rank() if rank is None else int(rank)
     world_size = get_world_size() if world_size is None else int(world_size)
@@ -259,8 +262,13 @@ def shard_indices(n: int, rank: Optional[int] = None, world_size: Optional[int] 
         raise ValueError(f"n must be >= 0, got {n}")
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+    if int(align) < 1:
+        raise ValueError(f"align must be >= 1, got {align}")
     if mode == "contiguous":
-        return range(n * rank // world_size, n * (rank + 1) // world_size)
+        align = int(align)
+        blocks = -(-n // align)
+        lo, hi = blocks * rank // world_size, blocks * (rank + 1) // world_size
+        return range(min(n, lo * align), min(n, hi * align))
     if mode == "strided":
         return range(rank, n, world_size)
     raise ValueError(f"mode must be 'contiguous' or 'strided', got {mode!r}")
