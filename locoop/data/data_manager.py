@@ -267,7 +267,7 @@ class DataManager:
             if not items:
                 return None
             # Distributed: a contiguous shard per rank; SimpleTrainer.test gathers the outputs in order.
-            shard = dist.shard_indices(len(items)) if dist.is_distributed() else None
+            shard = dist.shard_indices(len(items), align=test_bs) if dist.is_distributed() else None
             return build_data_loader(items, test_bs, self.tfm_test, is_train=False, num_workers=workers,
                                      seed=seed, strict=strict, shuffle=shuffle_test, sampler=shard)
 
