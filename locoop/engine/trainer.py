@@ -448,9 +448,9 @@ class SimpleTrainer(TrainerBase):
         self.build_model()
         self.broadcast_models()
         if dist.is_distributed() and cfg.VERBOSE:
-            w = dist.get_world_size()
-            print(f"Distributed: {w} processes ({dist.backend_for(self.device)}), global batch "
-                  f"{int(cfg.DATALOADER.TRAIN_X.BATCH_SIZE) * w} = {cfg.DATALOADER.TRAIN_X.BATCH_SIZE} per process x {w}")
+            w, b = dist.get_world_size(), int(cfg.DATALOADER.TRAIN_X.BATCH_SIZE)
+            print(f"Distributed: {w} processes ({dist.backend_for(self.device)}), "
+                  f"global batch {b * w} = {b} per process x {w}")
         self.build_evaluator()
 
     def check_cfg(self, cfg: Any) -> None:
