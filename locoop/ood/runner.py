@@ -8,6 +8,14 @@ positive class; all ``cfg.OOD.SCORES`` use the temperature ``cfg.OOD.T`` on cosi
 
 Everything that can be wrong with the input (score names, T, OOD folders, the ID dataset, the
 number of classes) is checked before the first image is encoded.
+
+Feature cache (:mod:`locoop.ood.cache`): with ``OOD.USE_CACHE`` (default) a set whose features
+``python -m locoop extract`` stored for this very image encoder, preprocessing and file list is
+read from the cache instead of encoded; a modified encoder (SeTAR-pruned, fine-tuned) has other
+weights, hence another key, and is encoded as usual.
+
+Distributed (torchrun): each rank encodes and scores a contiguous shard of every set; the scores
+are gathered in rank order (= data order), so each image is scored once; rank 0 writes the files.
 """
 from __future__ import annotations
 
@@ -20,9 +28,11 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from locoop.engine import dist
 from locoop.ood.features import iter_feature_batches, score_features
 
-__all__ = ["run_ood_benchmark", "check_benchmark_inputs", "SCORES_NPZ", "PLOTS_DIR"]
+__all__ = ["run_ood_benchmark", "check_benchmark_inputs", "extraction_amp", "cache_set_name", "eval_loader",
+           "SCORES_NPZ", "PLOTS_DIR"]
 
 SCORES_NPZ = "ood_scores.npz"  # raw per-image scores, to recompute metrics without the model
 PLOTS_DIR = "plots"  # histograms of ID vs OOD scores per score and OOD set
@@ -77,12 +87,24 @@ def check_benchmark_inputs(cfg: Any) -> Dict[str, Any]:
             "with_local": any(get_score(s).needs_local for s in scores)}
 
 
-def _loader(cfg: Any, items: Sequence, tfm: Any):
+def eval_loader(cfg: Any, items: Sequence, tfm: Any, indices: Optional[Sequence[int]] = None):
+    """The evaluation loader of ``items`` (in order), restricted to ``indices`` when given (a shard)."""
     from locoop.data import build_data_loader
 
     return build_data_loader(items, int(cfg.DATALOADER.TEST.BATCH_SIZE), tfm, is_train=False,
                              num_workers=int(cfg.DATALOADER.NUM_WORKERS), seed=0,
-                             strict=bool(cfg.DATASET.STRICT), shuffle=False)
+                             strict=bool(cfg.DATASET.STRICT), shuffle=False, sampler=indices)
+
+
+
+def extraction_amp(cfg: Any, device: Union[str, torch.device]) -> bool:
+    """Whether image features are computed under fp16 autocast: ``TRAINER.LOCOOP.PREC amp`` on CUDA."""
+    return str(getattr(cfg.TRAINER.LOCOOP, "PREC", "")) == "amp" and torch.device(device).type == "cuda"
+
+
+def cache_set_name(cfg: Any, set_name: str) -> str:
+    """Name of a set in the feature cache: ``ID-<DATASET.NAME>`` for the ID test set, else the OOD set's."""
+    return f"ID-{cfg.DATASET.NAME}" if set_name == "ID" else set_name
 
 
 def _dataset_meta(dataset: Any) -> Dict[str, Any]:
@@ -97,7 +119,7 @@ def _dataset_meta(dataset: Any) -> Dict[str, Any]:
 def run_ood_benchmark(cfg: Any, clip_model: torch.nn.Module, text_features: torch.Tensor,
                       output_dir: Union[str, Path], meta: Optional[Mapping[str, Any]] = None,
                       device: Optional[Union[str, torch.device]] = None, dataset: Any = None,
-                      verbose: bool = True) -> Dict[str, Any]:
+                      verbose: bool = True, use_cache: Optional[bool] = None) -> Dict[str, Any]:
     """Evaluate OOD detection of ``(clip_model, text_features)`` and write the result files.
 
     Args:
@@ -112,6 +134,9 @@ def run_ood_benchmark(cfg: Any, clip_model: torch.nn.Module, text_features: torc
         device: where the model runs (default: the model's device).
         dataset: a ready ID dataset (default: built from ``cfg`` without its training split).
         verbose: print progress lines and the results table.
+        use_cache: read matching entries of the feature cache (``OOD.CACHE_DIR``); None =
+            ``OOD.USE_CACHE``. Entries are keyed by the image encoder's weights, so a modified
+            encoder never matches; False also skips hashing the weights.
 
     Returns:
         ``{"metrics": {score: {set: {fpr95, auroc, aupr, ...}}} (fractions), "id_accuracy":
@@ -143,28 +168,78 @@ def run_ood_benchmark(cfg: Any, clip_model: torch.nn.Module, text_features: torc
         raise ValueError(f"the ID dataset {cfg.DATASET.NAME} has no test images")
     ood_items = build_ood_datasets(cfg.DATASET.ROOT, list(cfg.OOD.DATASETS))
     device = torch.device(device) if device is not None else _model_device(clip_model)
+    dist.init_from_env(device)  # no-op without torchrun
+    distributed, main = dist.is_distributed(), dist.is_main_process()
+    verbose = verbose and main
     tfm = build_transform(cfg, is_train=False)
-    amp = str(getattr(cfg.TRAINER.LOCOOP, "PREC", "")) == "amp" and device.type == "cuda"
+    amp = extraction_amp(cfg, device)
+    use_cache = bool(getattr(cfg.OOD, "USE_CACHE", False)) if use_cache is None else bool(use_cache)
+    cache = None
+    if use_cache:
+        from locoop.ood.cache import FeatureCache, resolve_cache_dir
+
+        cache = FeatureCache(resolve_cache_dir(cfg), verbose=verbose)
+    visual_fp: list = []  # computed at most once, and only when the cache has an entry for some set
+    batch_size = int(cfg.DATALOADER.TEST.BATCH_SIZE)
     logit_scale = float(clip_model.logit_scale.exp().item()) if hasattr(clip_model, "logit_scale") else 100.0
     text_features = text_features.detach().to(device)
     was_training = clip_model.training
     clip_model.eval()
 
+    def cached_entry(name: str, items: Sequence):
+        """The matching cache entry of a set (rank 0 decides for all ranks), or None."""
+        from locoop.ood.cache import CachedFeatures, FeatureCache, make_key, visual_fingerprint
+
+        path = None
+        if main and cache.entries(cache_set_name(cfg, name)):
+            if not visual_fp:
+                visual_fp.append(visual_fingerprint(clip_model))
+                if visual_fp[0] is None and verbose:
+                    print("Feature cache not used: the image encoder has forward hooks")
+            key = make_key(clip_model, tfm, items, device, amp, visual=visual_fp[0]) if visual_fp[0] else None
+            hit = cache.lookup(cache_set_name(cfg, name), key, need_local=checked["with_local"])
+            path = str(hit.path) if hit is not None else None
+        path = dist.broadcast_object(path)
+        return CachedFeatures(Path(path), FeatureCache.read_manifest(Path(path))) if path else None
+
     def encode_and_score(name: str, items: Sequence):
-        """Stream one set through the model; keep only scores, predictions and labels."""
-        if verbose:
-            print(f"Encoding {name}: {len(items):,} images")
-        loader = _loader(cfg, items, tfm)
+        """Stream one set (this rank's shard) through the model or from the cache; keep only scores."""
+        from locoop.ood.cache import format_bytes
+
+        entry = cached_entry(name, items) if cache is not None else None
+        if entry is not None:
+            if verbose:
+                print(f"{name}: using cached features from {entry.path} ({entry.num_rows:,} images, "
+                      f"{format_bytes(entry.size_bytes)})")
+            shard = dist.shard_indices(entry.num_rows, align=batch_size)
+            batches = entry.iter_batches(shard.start, shard.stop, batch_size, with_local=checked["with_local"])
+            loader = None
+        else:
+            if verbose:
+                print(f"Encoding {name}: {len(items):,} images"
+                      + (f" on {dist.get_world_size()} processes" if distributed else ""))
+            # Shards of whole batches: each rank encodes exactly the batches one process would.
+            shard = dist.shard_indices(len(items), align=batch_size) if distributed else None
+            loader = eval_loader(cfg, items, tfm, shard)
+            batches = iter_feature_batches(clip_model, loader, device, with_local=checked["with_local"], amp=amp,
+                                           desc=name, progress=None if verbose else False)
         parts, preds, labels = {s: [] for s in scores}, [], []
-        for batch in iter_feature_batches(clip_model, loader, device, with_local=checked["with_local"], amp=amp,
-                                          desc=name, progress=None if verbose else False):
+        for batch in batches:
             batch_scores, batch_preds = score_features(batch, text_features, scores, T=T, logit_scale=logit_scale,
                                                        device=device)
             for s, v in batch_scores.items():
                 parts[s].append(v)
             preds.append(batch_preds)
             labels.append(batch.labels.numpy())
-        skipped = sorted(getattr(loader, "skipped", {}) or {})
+        skipped_map = entry.skipped_paths if entry is not None else dict(getattr(loader, "skipped", {}) or {})
+        if distributed:  # shards in rank order = data order; an empty shard adds nothing
+            gathered = dist.all_gather_object((parts, preds, labels, skipped_map))
+            parts = {s: [a for g in gathered for a in g[0][s]] for s in scores}
+            preds = [a for g in gathered for a in g[1]]
+            labels = [a for g in gathered for a in g[2]]
+            skipped_map = {k: v for g in gathered for k, v in g[3].items()}
+        preds = [p for p in preds if len(p)]
+        skipped = sorted(skipped_map)
         if not preds:
             raise ValueError(f"{name}: none of the {len(items)} images could be read ({len(skipped)} skipped)")
         num_images[name], num_skipped[name], skipped_paths[name] = sum(len(p) for p in preds), len(skipped), skipped
@@ -206,6 +281,11 @@ def run_ood_benchmark(cfg: Any, clip_model: torch.nn.Module, text_features: torc
     full_meta["config"] = cfg_to_dict(cfg)
 
     out = Path(output_dir)
+    if not main:  # rank 0 writes the files; the others wait for them and return the same numbers
+        dist.barrier()
+        return {"metrics": metrics, "id_accuracy": id_accuracy, "files": {}, "plots": [], "id_scores": id_scores,
+                "ood_scores": ood_scores, "num_images": num_images, "num_skipped": num_skipped,
+                "seconds": time.time() - t0}
     files = write_results(out, metrics, meta=full_meta, id_accuracy=id_accuracy)
     npz = {"id_labels": labels, "id_predictions": preds}
     for s, v in id_scores.items():
@@ -231,6 +311,7 @@ def run_ood_benchmark(cfg: Any, clip_model: torch.nn.Module, text_features: torc
         print(format_table(metrics, id_accuracy))
         print(f"\nResults: {files['md']}, {files['csv']}, {files['json']}"
               + (f"\nHistograms: {out / PLOTS_DIR}/ ({len(plots)} PNG)" if plots else ""))
+    dist.barrier()  # the other ranks return once the files exist
     return {
         "metrics": metrics,
         "id_accuracy": id_accuracy,
