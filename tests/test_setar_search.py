@@ -249,3 +249,126 @@ def test_settings_file_errors(tmp_path):
     bad.write_text('"visual"')
     with pytest.raises(ValueError, match="expected a list"):
         load_settings(bad)
+
+
+# ------------------------------------------------------------------------------------ end to end
+def _make_data(root):
+    from clip.tiny import make_tiny_checkpoint
+    from locoop.data.synthetic import make_imagenet_like, make_ood_sets, make_val_split
+
+    make_imagenet_like(str(root), num_classes=5, train_per_class=2, val_per_class=3, image_size=(40, 40))
+    make_ood_sets(str(root), per_set=4, image_size=(40, 40))
+    make_val_split(str(root / "val_split.json"), str(root / "imagenet" / "images" / "train"), per_class=2)
+    return make_tiny_checkpoint(root / "tiny-vit.pt", like="tiny-vit", seed=0)
+
+
+def _script(root, config, out, *extra, env_extra=None, model_dir=None):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHON=sys.executable, **(env_extra or {}))
+    opts = ["MODEL.BACKBONE.NAME", str(root / "tiny-vit.pt"), "DATASET.VAL_SPLIT_FILE", str(root / "val_split.json"),
+            "INPUT.SIZE", "(32, 32)", "DATALOADER.NUM_WORKERS", "0", "DATALOADER.TEST.BATCH_SIZE", "4",
+            "SETAR.TOPK", "2", "OOD.PLOT", "False", "VERBOSE", "False", *extra]
+    args = [str(root), config, str(out)] + ([str(model_dir)] if model_dir else []) + opts
+    return subprocess.run(["bash", str(repo / "scripts" / "setar" / "search.sh"), *args],
+                          cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_search_script_end_to_end(tmp_path):
+    _make_data(tmp_path)
+    out = tmp_path / "run"
+    p = _script(tmp_path, "configs/setar/imagenet/SeTAR.yaml", out)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rows = (out / "search_log.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 4 * 9  # 2 visual + 2 text W_up steps x 9 ratios
+    settings = json.loads((out / "best_settings.json").read_text())
+    assert [s[:3] for s in settings] == [["visual", "W_up", 1], ["visual", "W_up", 0], ["text", "W_up", 1],
+                                         ["text", "W_up", 0]]
+    summary = json.loads((out / "search_summary.json").read_text())
+    assert summary["final"] <= summary["baseline"]
+    results = json.loads((out / "ood_results.json").read_text())
+    assert results["meta"]["setar"]["settings"] == settings
+    assert set(results["scores"]) == {"MCM", "GL-MCM"}
+    assert set(results["scores"]["MCM"]) >= {"iNaturalist", "SUN", "Places", "Texture"}
+    assert 0.0 <= results["id_accuracy"] <= 100.0
+
+    # naive mode: same settings, same criteria
+    out_naive = tmp_path / "run_naive"
+    p = _script(tmp_path, "configs/setar/imagenet/SeTAR.yaml", out_naive, env_extra={"MODE": "naive", "NO_TEST": "1"})
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert json.loads((out_naive / "best_settings.json").read_text()) == settings
+    log_f = json.loads((out / "search_log.json").read_text())
+    log_n = json.loads((out_naive / "search_log.json").read_text())
+    assert [r["criterion"] for r in log_f] == pytest.approx([r["criterion"] for r in log_n], rel=1e-5, abs=1e-6)
+
+    # the saved settings applied again (no search) give the same test results
+    out_apply = tmp_path / "run_apply"
+    p = _script(tmp_path, "configs/setar/imagenet/SeTAR.yaml", out_apply,
+                env_extra={"SETTINGS": str(out / "best_settings.json")})
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    again = json.loads((out_apply / "ood_results.json").read_text())
+    assert again["scores"] == results["scores"]
+    assert not (out_apply / "search_log.csv").exists()
+
+
+@pytest.mark.slow
+def test_search_script_errors(tmp_path):
+    _make_data(tmp_path)
+    bad = tmp_path / "bad.json"
+    bad.write_text('[["visual", "W_up", 7, 0.1]]')
+    p = _script(tmp_path, "configs/setar/imagenet/Vanilla_MCM.yaml", tmp_path / "o1", env_extra={"SETTINGS": str(bad)})
+    assert p.returncode == 2 and "layer index in 0..1" in p.stderr
+    p = _script(tmp_path, "configs/setar/imagenet/SeTAR.yaml", tmp_path / "o2", "SETAR.SEARCHER", "greedy")
+    assert p.returncode == 2 and "valid searchers: visual_text" in p.stderr
+    p = _script(tmp_path, "configs/setar/imagenet/SeTAR.yaml", tmp_path / "o3", "DATASET.VAL_SPLIT_FILE", "")
+    assert p.returncode == 2 and "validation split is the test split" in p.stderr
+    # vanilla MCM: no search, the unpruned model's benchmark
+    p = _script(tmp_path, "configs/setar/imagenet/Vanilla_MCM.yaml", tmp_path / "o4")
+    assert p.returncode == 0, p.stderr[-3000:]
+    vanilla = json.loads((tmp_path / "o4" / "ood_results.json").read_text())
+    assert set(vanilla["scores"]) == {"MCM"} and vanilla["meta"]["setar"]["settings"] == []
+
+
+def _prompt_run(run_dir, ctx):
+    from locoop.engine.checkpoint import save_checkpoint
+
+    save_checkpoint({"state_dict": {"ctx": ctx}, "epoch": 2, "trainer": "LoCoOp"},
+                    str(run_dir / "prompt_learner"), is_best=False)
+    return run_dir
+
+
+@pytest.mark.slow
+def test_search_script_with_learned_prompts(tmp_path):
+    _make_data(tmp_path)
+    run_dir = _prompt_run(tmp_path / "locoop_run", torch.randn(4, 64) * 0.02)
+    out = tmp_path / "run"
+    p = _script(tmp_path, "configs/setar/imagenet/SeTAR.yaml", out, "TRAINER.LOCOOP.N_CTX", "4", model_dir=run_dir)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    results = json.loads((out / "ood_results.json").read_text())
+    assert results["meta"]["prompts"] == "learned"
+    assert results["meta"]["prompt_checkpoint"].endswith("prompt_learner/model.pth.tar-2")
+    assert len(json.loads((out / "best_settings.json").read_text())) == 4
+
+
+def test_learned_prompts_of_another_class_count(tmp_path):
+    from locoop.commands.setar_search import build_text
+    from locoop.config import get_cfg_default
+
+    cfg = get_cfg_default()
+    cfg.TRAINER.LOCOOP.N_CTX = 4
+    cfg.TRAINER.LOCOOP.CSC = True
+    model = tiny()
+    names = [f"thing{i}" for i in range(5)]
+    run_dir = _prompt_run(tmp_path / "csc6", torch.randn(6, 4, 64) * 0.02)  # class-specific, 6 classes
+    with pytest.raises(ValueError, match="learned for 6 classes, but the dataset .* has 5"):
+        build_text(cfg, model, names, str(run_dir), None)
+    ok = _prompt_run(tmp_path / "csc5", torch.randn(5, 4, 64) * 0.02)
+    text, meta = build_text(cfg, model, names, str(ok), None)
+    assert text.embeddings.shape[0] == 5 and meta["prompts"] == "learned"
+    with pytest.raises(FileNotFoundError, match="no checkpoints"):
+        build_text(cfg, model, names, str(tmp_path), None)

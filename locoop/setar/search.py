@@ -23,8 +23,9 @@ Criteria (``criterion``):
 Modes (both select the same settings and report the same criteria; tested):
 
 * ``naive`` -- what the reference does: every candidate re-encodes every image and every prompt
-  from scratch (optionally re-decoding the images, via ``SearchData.reload``); ratio 0 is
-  evaluated again at every step.
+  from scratch (optionally re-decoding the images, via ``SearchData.reload``), with the local
+  features computed as SeTAR's model computes them (the value path in every block, see
+  :func:`reference_encode_image`); ratio 0 is evaluated again at every step.
 * ``fast`` (default), exact:
 
   - images are decoded and preprocessed once; the patch embedding ("stem") runs once;
@@ -71,6 +72,7 @@ __all__ = [
     "SearchData",
     "SearchResult",
     "check_ratios",
+    "reference_encode_image",
     "run_search",
     "write_search_outputs",
 ]
@@ -397,6 +399,26 @@ class _PrefixCache:
 
 
 # ============================================================================ evaluators
+@torch.no_grad()
+def reference_encode_image(model: nn.Module, images: Tensor) -> Tuple[Tensor, Tensor]:
+    """Global and local image features computed the way SeTAR's reference model does.
+
+    SeTAR's CLIP (``enable_local_feat``) runs every ViT block in full on all tokens *and* the
+    value path (``v_proj``, ``out_proj``, MLP) of every block, keeping only the last block's
+    value path as local features. The result equals :meth:`clip.model.CLIP.encode_image` up to
+    float rounding; the naive mode uses it so that it costs what the reference costs.
+    """
+    v = model.visual
+    if not hasattr(v, "transformer"):
+        return model.encode_image(images, return_local=True)
+    x = v.stem(images.to(model.dtype))
+    local = x
+    for block in v.transformer.resblocks:
+        local = block.value_path(x)
+        x = block(x)
+    return v.head(x[:, 0]), v.head(local[:, 1:])
+
+
 class _NaiveEvaluator:
     """Re-encodes everything for every candidate, like the reference implementation."""
 
@@ -412,8 +434,10 @@ class _NaiveEvaluator:
     def _image_feats(self, batches) -> List[Tuple[Tensor, Tensor]]:
         out = []
         for images in batches:
-            g, loc = self.model.encode_image(images.to(self.device), return_local=True)
+            g, loc = reference_encode_image(self.model, images.to(self.device))
             self.counter.add("visual_layer_passes", self.n_visual * images.shape[0])
+            # the reference's extra value path in every block (see reference_encode_image)
+            self.counter.add("visual_value_paths", self.n_visual * images.shape[0])
             out.append((_normalize(g.float()), _normalize(loc.float())))
         return out
 
@@ -471,6 +495,7 @@ class _FastEvaluator:
         if self._vis_prefix is None:
             inputs = [self.visual.stem(im.to(self.device)) for im in self.image_batches]
             self._vis_prefix = _PrefixCache(self.visual, inputs, self._stride(inputs, self.visual.n_layers))
+            self.image_batches = None  # the stem never changes: the pixels are not needed any more
         return self._vis_prefix
 
     def txt_prefix(self) -> _PrefixCache:
