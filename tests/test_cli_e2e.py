@@ -236,3 +236,26 @@ def test_checkpoint_helpers(tmp_path):
     assert check_model_dir(str(tmp_path), 10)
     assert final_checkpoint(str(tmp_path), 10) == str(tmp_path / "prompt_learner/model.pth.tar-10")
     assert final_checkpoint(str(tmp_path), 50) is None
+
+
+def test_zeroshot_eval_needs_no_training_folder(tmp_path, data_root, tiny_vit_path, capsys):
+    """Evaluation builds the trainer without the training split: a root with only val/ works."""
+    import shutil
+
+    root = tmp_path / "valonly"
+    shutil.copytree(data_root, root)
+    shutil.rmtree(root / "imagenet" / "images" / "train")
+    rc, _, err = cli(["eval"] + base_args(root, tiny_vit_path) + [
+        "--output-dir", tmp_path / "zs", "MODEL.BACKBONE.NAME", tiny_vit_path, "OOD.PLOT", "False",
+        "OOD.SCORES", "['MCM']"] + SMALL, capsys)
+    assert rc == 0, err
+    assert (tmp_path / "zs" / "ood_results.json").is_file()
+
+
+def test_setar_finetune_trainers_resolve_by_name():
+    from locoop.commands._common import check_trainer
+
+    assert check_trainer("SeTARFT").__name__ == "SeTARFT"
+    assert check_trainer("LoRA").__name__ == "LoRA"
+    with pytest.raises(ValueError, match="LoCoOp"):
+        check_trainer("LoCoOpp")

@@ -106,22 +106,16 @@ def check_trainer(name: str) -> type:
     Raises:
         ValueError: empty or unknown name; the message lists the registered trainers.
     """
-    from locoop.engine.registry import TRAINER_REGISTRY
+    from locoop.engine.registry import TRAINER_REGISTRY, get_trainer_class
 
-    try:
-        import locoop.trainers  # noqa: F401  (registers the built-in trainers)
-    except ModuleNotFoundError as e:  # pragma: no cover - only while the package is incomplete
-        if e.name != "locoop.trainers":
-            raise
-    valid = TRAINER_REGISTRY.registered_names()
     if not name:
-        raise ValueError(f"no trainer given; pass --trainer with one of {valid}")
-    if name not in TRAINER_REGISTRY:
-        try:
-            TRAINER_REGISTRY.get(name)
-        except KeyError as e:
-            raise ValueError(f"unknown trainer {name!r}: {e.args[0] if e.args else ''}".rstrip()) from None
-    return TRAINER_REGISTRY.get(name)
+        import locoop.trainers  # noqa: F401  (registers the built-in trainers, for the list below)
+
+        raise ValueError(f"no trainer given; pass --trainer with one of {TRAINER_REGISTRY.registered_names()}")
+    try:
+        return get_trainer_class(name)
+    except KeyError as e:
+        raise ValueError(f"unknown trainer {name!r}: {e.args[0] if e.args else ''}".rstrip()) from None
 
 
 def trainer_needs_checkpoint(cls: type) -> bool:

@@ -45,7 +45,7 @@ def _run(args: argparse.Namespace) -> int:
     from locoop.engine.registry import build_trainer
     from locoop.ood.runner import run_ood_benchmark
 
-    trainer = build_trainer(cfg)
+    trainer = build_trainer(cfg, need_train=False)
     if args.model_dir:
         trainer.load_model(args.model_dir, epoch=args.load_epoch)
     trainer.set_model_mode("eval")

@@ -100,22 +100,42 @@ def _ensure_builtin(module: str) -> None:
             raise
 
 
-def build_trainer(cfg: Any) -> Any:
+# Trainers whose modules import heavy libraries (peft) are imported only when asked for.
+_OPTIONAL_TRAINER_MODULES = ("locoop.setar.finetune",)
+
+
+def get_trainer_class(name: str) -> Callable:
+    """The trainer class registered as ``name``, importing the modules that register trainers.
+
+    Raises:
+        KeyError: unknown name (lists the registered ones and the closest match).
+    """
+    _ensure_builtin("locoop.trainers")
+    if name not in TRAINER_REGISTRY.registered_names():
+        for module in _OPTIONAL_TRAINER_MODULES:
+            _ensure_builtin(module)
+    return TRAINER_REGISTRY.get(name)
+
+
+def build_trainer(cfg: Any, need_train: bool = True) -> Any:
     """Instantiate the trainer named by ``cfg.TRAINER.NAME``.
 
-    Imports :mod:`locoop.trainers` first so built-in trainers are registered.
+    Args:
+        cfg: the resolved config.
+        need_train: False for evaluation-only uses (eval, visualize): the training split is then
+            neither required nor read.
 
     Raises:
         ValueError: empty TRAINER.NAME; KeyError: unknown name (lists the registered ones).
     """
     name = cfg.TRAINER.NAME
-    _ensure_builtin("locoop.trainers")
     if not name:
+        _ensure_builtin("locoop.trainers")
         raise ValueError(
             f"TRAINER.NAME is empty; pass --trainer or set TRAINER.NAME to one of "
             f"{TRAINER_REGISTRY.registered_names()}."
         )
-    cls: Callable = TRAINER_REGISTRY.get(name)
+    cls = get_trainer_class(name)
     if getattr(cfg, "VERBOSE", True):
         print(f"Loading trainer: {name}")
-    return cls(cfg)
+    return cls(cfg, need_train=need_train)

@@ -431,8 +431,9 @@ class TrainerBase:
 class SimpleTrainer(TrainerBase):
     """Builds data, model and evaluator from ``cfg``; implements the generic train/test hooks."""
 
-    def __init__(self, cfg: Any):
+    def __init__(self, cfg: Any, need_train: bool = True):
         super().__init__()
+        self.need_train = need_train
         self.check_cfg(cfg)
         self.device = select_device(cfg)
         dist.init_from_env(self.device)  # no-op without torchrun's environment variables
@@ -464,7 +465,8 @@ class SimpleTrainer(TrainerBase):
         """
         from locoop.data import DataManager  # imported here: the data layer is heavy and optional for tests
 
-        dm = DataManager(self.cfg)
+        # need_train=None lets the dataset decide (its default); False skips the training split.
+        dm = DataManager(self.cfg, need_train=None if self.need_train else False)
         self.dm = dm
         self.train_loader_x = dm.train_loader_x
         self.val_loader = dm.val_loader
