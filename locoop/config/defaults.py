@@ -214,6 +214,8 @@ def _add_setar(c: CN) -> None:
     c.SETAR.SETTINGS_FILE = ""  # JSON of searched ratios to load instead of searching
     c.SETAR.OOD_VAL_DATASETS = []  # OOD validation sets for a metric criterion
     c.SETAR.SCORE = "GL-MCM"  # score used by metric criteria and the final benchmark
+    c.SETAR.CACHE_GB = 8.0  # fast search: memory budget of cached block inputs (above it every k-th is kept; exact)
+    c.SETAR.PROMPT_TEMPLATE = "a photo of a {}."  # zero-shot class prompt (SeTAR's code omits the final '.')
     c.SETAR.FT = CN()
     c.SETAR.FT.ADAPTER = "setar"  # setar (ranks and init from the search) or lora (baseline)
     c.SETAR.FT.LORA_RANK = 8  # rank of plain LoRA adapters
