@@ -1,4 +1,5 @@
 """SeTAR searchers, greedy search (fast == naive), settings files (locoop/setar)."""
+import copy
 import json
 import math
 
@@ -6,10 +7,11 @@ import pytest
 import torch
 
 import clip
+from clip.configs import CLIPConfig
 from clip.model import build_model
 from clip.tiny import random_state_dict
 from locoop.setar.lowrank import LowRankEditor
-from locoop.setar.search import SearchData, TextInputs, check_ratios, run_search
+from locoop.setar.search import SearchData, TextInputs, check_ratios, reference_encode_image, run_search
 from locoop.setar.searchers import Step, build_steps, get_searcher, list_searchers
 from locoop.setar.settings import apply_settings, load_settings, save_settings, validate_settings
 
@@ -114,6 +116,31 @@ def test_fast_equals_naive(data, searcher, freeze_proj, types):
     assert fast.counters["visual_layer_passes"] < naive.counters["visual_layer_passes"]
     assert fast.counters["text_layer_passes"] < naive.counters["text_layer_passes"]
     assert naive.counters["candidates_reused"] == 0
+
+
+def test_fast_equals_naive_with_a_tiny_cache_budget(data):
+    # A budget below one layer keeps only the stem output: every block input is recomputed from it.
+    arch = build_model(random_state_dict(CLIPConfig("tiny-vit-3", embed_dim=32, image_resolution=32, vision_layers=3,
+                                                    vision_width=64, vision_patch_size=8, transformer_width=64,
+                                                    transformer_layers=3), seed=0))
+    results = {}
+    for mode, cache in (("fast", 1e-9), ("fast-full", 8.0), ("naive", 8.0)):
+        model = copy.deepcopy(arch)
+        results[mode] = run_search(model, data, searcher="layer_exhaustive", ratios=[0.0, 0.3, 0.6], top_k=2,
+                                   lam=0.5, mode=mode.split("-")[0], verbose=False, cache_gib=cache)
+    _same(results["fast"], results["naive"])
+    _same(results["fast-full"], results["naive"])
+    # the small budget costs recomputation, never a different result
+    assert results["fast"].counters["visual_layer_passes"] > results["fast-full"].counters["visual_layer_passes"]
+
+
+def test_reference_image_path_matches_ours():
+    model = tiny()
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        g_ref, l_ref = reference_encode_image(model, x)
+        g, loc = model.encode_image(x, return_local=True)
+    assert torch.allclose(g_ref, g, atol=1e-5) and torch.allclose(l_ref, loc, atol=1e-5)
 
 
 def test_fast_equals_naive_metric_criterion(data):
@@ -372,3 +399,42 @@ def test_learned_prompts_of_another_class_count(tmp_path):
     assert text.embeddings.shape[0] == 5 and meta["prompts"] == "learned"
     with pytest.raises(FileNotFoundError, match="no checkpoints"):
         build_text(cfg, model, names, str(tmp_path), None)
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("SEARCHER", "greedy", "valid searchers"),
+    ("WEIGHT_TYPES", ["W_p"], "FREEZE_PROJ"),
+    ("RATIOS", [0.1, 1.0], r"not in \[0, 1\)"),
+    ("PRUNE_TYPE", "minor", r"SETAR.PRUNE_TYPE = 'minor' is not valid; choose one of \['small', 'large', 'random'\]"),
+    ("MODE", "quick", "SETAR.MODE"),
+    ("CRITERION", "acc", "SETAR.CRITERION"),
+    ("CRITERION", "auroc", "SETAR.OOD_VAL_DATASETS"),
+    ("TOPK", 0, "SETAR.TOPK"),
+    ("PROMPT_TEMPLATE", "a photo", "PROMPT_TEMPLATE"),
+    ("CACHE_GB", -1.0, "CACHE_GB"),
+])
+def test_setar_config_checks(key, value, match):
+    from locoop.commands.setar_search import check_setar_cfg
+    from locoop.config import get_cfg_default
+
+    cfg = get_cfg_default()
+    cfg.SETAR[key] = value
+    with pytest.raises(ValueError, match=match):
+        check_setar_cfg(cfg, search=True)
+
+
+def test_setar_config_defaults_are_setars():
+    from locoop.commands.setar_search import check_setar_cfg
+    from locoop.config import get_cfg_default, merge_from_file
+
+    cfg = get_cfg_default()
+    assert check_setar_cfg(cfg, search=True) == {"weight_types": ["W_up"], "criterion": "loss",
+                                                 "ratios": [0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4]}
+    from pathlib import Path
+
+    configs = Path(__file__).resolve().parents[1] / "configs" / "setar"
+    voc = merge_from_file(get_cfg_default(), str(configs / "voc" / "SeTAR.yaml"))
+    assert (voc.SETAR.LAMBDA, voc.SETAR.TOPK, voc.DATASET.NAME) == (0.05, 4, "PascalVOC")
+    imagenet = merge_from_file(get_cfg_default(), str(configs / "imagenet" / "SeTAR.yaml"))
+    assert (imagenet.SETAR.LAMBDA, imagenet.SETAR.TOPK, imagenet.SETAR.SEARCHER) == (0.10, 300, "visual_text")
+    assert list(imagenet.OOD.SCORES) == ["MCM", "GL-MCM"]

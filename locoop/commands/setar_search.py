@@ -15,7 +15,8 @@
    in the SeTAR configs, and ID accuracy): ``ood_results.{md,csv,json}``, ``ood_scores.npz``,
    ``plots/``. ``--no-test`` stops after the search.
 
-Prompts: zero-shot ``"a photo of a <class>."``, or with ``--model-dir RUN`` the learned prompts
+Prompts: zero-shot ``SETAR.PROMPT_TEMPLATE`` (``"a photo of a {}."``; SeTAR's code writes
+``"a photo of a {}"``), or with ``--model-dir RUN`` the learned prompts
 of a LoCoOp/CoOp run (``RUN/prompt_learner/model-best.pth.tar`` or ``model.pth.tar-<epoch>``;
 ``TRAINER.LOCOOP.N_CTX / CSC / CTX_INIT / CLASS_TOKEN_POSITION`` must match the run).
 The model runs in fp32 (SeTAR's reference does too); the SVDs are fp32 in any case.
@@ -23,7 +24,6 @@ The model runs in fp32 (SeTAR's reference does too); the SVDs are fp32 in any ca
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Any, List, Optional, Tuple
@@ -31,7 +31,6 @@ from typing import Any, List, Optional, Tuple
 from locoop.commands._common import (add_common_arguments, build_cfg, check_model_dir, prepare_run, read_run_info,
                                      run_command)
 
-ZERO_SHOT_TEMPLATE = "a photo of a {}."
 NO_SETTINGS = "none"
 
 
@@ -80,6 +79,11 @@ def check_setar_cfg(cfg: Any, search: bool) -> dict:
         raise ValueError(f"SETAR.LAMBDA must be >= 0, got {s.LAMBDA}")
     if int(s.TOPK) < 1:
         raise ValueError(f"SETAR.TOPK must be >= 1, got {s.TOPK}")
+    if float(s.CACHE_GB) < 0:
+        raise ValueError(f"SETAR.CACHE_GB must be >= 0 (GiB of cached block inputs), got {s.CACHE_GB}")
+    if str(s.PROMPT_TEMPLATE).count("{}") != 1:
+        raise ValueError(f"SETAR.PROMPT_TEMPLATE must contain '{{}}' once for the class name, "
+                         f"got {s.PROMPT_TEMPLATE!r}")
     if search and criterion in ("auroc", "aupr", "fpr95"):
         if not list(s.OOD_VAL_DATASETS):
             raise ValueError(f"SETAR.CRITERION {criterion!r} needs OOD validation sets in SETAR.OOD_VAL_DATASETS; "
@@ -161,9 +165,10 @@ def build_text(cfg: Any, model, classnames: List[str], model_dir: Optional[str],
     chunk = max(1, int(cfg.DATALOADER.TEST.BATCH_SIZE))
     chunk = max(chunk, 1000)  # text forward passes are cheap; one chunk for ImageNet-1K
     if not model_dir:
+        template = str(cfg.SETAR.PROMPT_TEMPLATE)
         names = [c.replace("_", " ") for c in classnames]
-        tokens = clip.tokenize([ZERO_SHOT_TEMPLATE.format(n) for n in names])
-        return TextInputs(tokens=tokens, chunk_size=chunk), {"prompts": f"zero-shot '{ZERO_SHOT_TEMPLATE}'"}
+        tokens = clip.tokenize([template.format(n) for n in names])
+        return TextInputs(tokens=tokens, chunk_size=chunk), {"prompts": f"zero-shot '{template}'"}
 
     from locoop.engine.checkpoint import load_checkpoint
     from locoop.trainers.prompt_learner import PromptLearner
@@ -312,7 +317,8 @@ def _run(args: argparse.Namespace) -> int:
             ratios=checked["ratios"], prune_type=cfg.SETAR.PRUNE_TYPE, seed=max(int(cfg.SEED), 0),
             freeze_proj=bool(cfg.SETAR.FREEZE_PROJ), criterion=checked["criterion"], lam=float(cfg.SETAR.LAMBDA),
             top_k=int(cfg.SETAR.TOPK), score=str(cfg.SETAR.SCORE), T=float(cfg.OOD.T), mode=cfg.SETAR.MODE,
-            device=device, output_dir=cfg.OUTPUT_DIR, verbose=bool(cfg.VERBOSE), editor=editor)
+            device=device, output_dir=cfg.OUTPUT_DIR, verbose=bool(cfg.VERBOSE),
+            cache_gib=float(cfg.SETAR.CACHE_GB), editor=editor)
         settings = result.settings
         print(f"SeTAR search done in {result.seconds:.1f} s ({cfg.SETAR.MODE} mode): {checked['criterion']} "
               f"{result.baseline:.6g} -> {result.final:.6g}; pruned matrices: {len(nonzero(settings))} of "

@@ -15,11 +15,13 @@ from locoop.setar.lowrank import (
     n_removed,
     num_layers,
 )
+from locoop.setar.search import DEFAULT_RATIOS, SearchData, SearchResult, TextInputs, run_search
 from locoop.setar.searchers import SEARCHERS, Step, build_steps, get_searcher, list_searchers
 from locoop.setar.settings import apply_settings, load_settings, save_settings, validate_settings
 
 __all__ = [
     "BLOCK_WEIGHT_TYPES", "PRUNE_TYPES", "TOWERS", "WEIGHT_TYPES", "LowRankEditor", "get_linear", "n_removed",
     "num_layers", "SEARCHERS", "Step", "build_steps", "get_searcher", "list_searchers", "apply_settings",
-    "load_settings", "save_settings", "validate_settings",
+    "load_settings", "save_settings", "validate_settings", "DEFAULT_RATIOS", "SearchData", "SearchResult",
+    "TextInputs", "run_search",
 ]

@@ -148,7 +148,8 @@ def n_removed(ratio: float, shape: Tuple[int, int], what: str = "the matrix") ->
     k = round(r * full)
     if k >= full:
         raise ValueError(f"ratio {ratio} removes round({r} * {full}) = {k} of the {full} singular components of "
-                         f"{what} (shape {tuple(shape)}), i.e. all of them; use a ratio below {(full - 0.5) / full:.4g}")
+                         f"{what} (shape {tuple(shape)}), i.e. all of them; "
+                         f"use a ratio below {(full - 0.5) / full:.4g}")
     return k
 
 

@@ -244,7 +244,8 @@ class _Criterion:
         from locoop.ood.scores import compute_scores
 
         def scores(feats):
-            out = [compute_scores(g @ text.t(), loc @ text.t(), names=[self.score], T=self.T)[self.score]
+            # one score requested: take the only entry (its key is the canonical name)
+            out = [next(iter(compute_scores(g @ text.t(), loc @ text.t(), names=[self.score], T=self.T).values()))
                    for g, loc in feats]
             return np.concatenate(out)
 
@@ -772,8 +773,8 @@ def run_search(
                 bar.set_postfix_str(f"r={r:.2f} {criterion}={res['criterion']:.4f} best={best_val:.4f}")
             bar.close()
             if best_row is None:  # nothing beat the incumbent: ratio 0 for the first matrix of the group
-                best_row = next(row for row in log[::-1] if row["step"] == step_idx and
-                                (row["tower"], row["weight_type"], row["layer"]) == tuple(best_step) and row["ratio"] == 0)
+                best_row = next(row for row in log[::-1] if row["step"] == step_idx and row["ratio"] == 0
+                                and (row["tower"], row["weight_type"], row["layer"]) == tuple(best_step))
             best_row["chosen"] = True
             if mode == "fast":
                 # kept is None when the best result was reused: its features are recomputed lazily.

@@ -52,7 +52,8 @@ def validate_settings(settings: Iterable, model: Optional[nn.Module] = None,
         ValueError: naming the bad entry and the valid choices.
     """
     if isinstance(settings, (str, bytes, Mapping)) or not isinstance(settings, Iterable):
-        raise ValueError(f"{source}: expected a list [[tower, weight_type, layer, ratio], ...], got {type(settings).__name__}")
+        raise ValueError(f"{source}: expected a list [[tower, weight_type, layer, ratio], ...], "
+                         f"got {type(settings).__name__}")
     out: List[Setting] = []
     seen = {}
     for i, entry in enumerate(settings):
@@ -102,7 +103,8 @@ def load_settings(path: Union[str, os.PathLike], model: Optional[nn.Module] = No
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); expected [[tower, weight_type, layer, ratio], ...]") from None
+        raise ValueError(f"{path} is not valid JSON ({err}); "
+                         "expected [[tower, weight_type, layer, ratio], ...]") from None
     return validate_settings(data, model, source=str(path))
 
 
