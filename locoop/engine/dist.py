@@ -26,6 +26,7 @@ from __future__ import annotations
 import atexit
 import datetime
 import os
+import sys
 from typing import Any, List, Optional, Sequence, Union
 
 import torch
@@ -64,12 +65,34 @@ def backend_for(device: Optional[Device]) -> str:
     return "nccl" if torch.device(device).type == "cuda" else "gloo"
 
 
+_FAILED = [False]  # set by the exception hook: an uncaught exception is ending this process
+
+
+def _record_failure(hook):
+    def excepthook(*args):
+        _FAILED[0] = True
+        hook(*args)
+    return excepthook
+
+
 def _destroy() -> None:
-    if dist.is_available() and dist.is_initialized():
-        try:
-            dist.destroy_process_group()
-        except Exception:  # pragma: no cover - best effort at interpreter exit
-            pass
+    """At exit: wait for the other ranks (normal exit only), then leave the process group.
+
+    Tearing down while a peer still finishes its last collective can abort gloo's threads
+    (SIGABRT, "terminate called without an active exception"); a process ending with an uncaught
+    exception skips the wait, so it exits at once and torchrun stops the others.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        if not _FAILED[0] and dist.get_world_size() > 1:
+            if dist.get_backend() == "gloo":
+                dist.monitored_barrier(timeout=datetime.timedelta(seconds=120), wait_all_ranks=True)
+            else:
+                barrier()
+        dist.destroy_process_group()
+    except Exception:  # pragma: no cover - best effort at interpreter exit
+        pass
 
 
 def init_from_env(device: Optional[Device] = None, backend: Optional[str] = None,
@@ -109,6 +132,7 @@ def init_from_env(device: Optional[Device] = None, backend: Optional[str] = None
     if timeout_s is not None:
         kwargs["timeout"] = datetime.timedelta(seconds=float(timeout_s))
     dist.init_process_group(backend=backend, init_method="env://", **kwargs)
+    sys.excepthook = _record_failure(sys.excepthook)
     atexit.register(_destroy)
     if not is_main_process():
         # torchrun would otherwise show every line N times; errors still reach stderr.
