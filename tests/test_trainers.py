@@ -115,6 +115,10 @@ def test_locoop_trains_saves_and_reloads(data_root, tiny_vit_path, tmp_path):
     acc = fresh.test()
     assert 0.0 <= acc <= 100.0
 
+    init_cfg = _cfg(data_root, tiny_vit_path, tmp_path / "init")
+    init_cfg.MODEL.INIT_WEIGHTS = str(ckpt_path)
+    assert torch.equal(build_trainer(init_cfg).text_features(), feats)
+
     wrong = build_trainer(_cfg(data_root, tiny_vit_path, tmp_path / "wrong", N_CTX=8))
     with pytest.raises(ValueError, match=r"N_CTX=4, CSC=False.*N_CTX=8, CSC=False"):
         wrong.load_model(str(tmp_path / "run"), epoch=2)

@@ -57,39 +57,46 @@ def encode_text_naive(clip_model: nn.Module, prompts: Tensor, eot_idx: Tensor) -
 
 
 class _SuffixLayout:
-    """Where each class's suffix tokens sit in the packed ``[T, W]`` rows and the padded ``[C, S]`` grid."""
+    """Where the tokens sit: rows ``0..P-1`` of the packed ``[P + T, W]`` array are the shared prefix,
+    then each class's suffix tokens up to its own EOT; the padded grid is ``[C, S]`` (S = longest suffix)."""
 
     def __init__(self, eot_idx: Tensor, prefix_len: int):
         counts = eot_idx.long() - prefix_len + 1  # suffix tokens of each class, EOT included
         if int(counts.min()) < 1:
             raise ValueError(f"an EOT position ({int(eot_idx.min())}) lies inside the shared prefix of "
                              f"{prefix_len} tokens; the prompts are not '<prefix> <class tokens>.'")
+        p = prefix_len
+        self.prefix_len = p
         self.num_classes = int(counts.shape[0])
         self.max_len = int(counts.max())  # S
         steps = torch.arange(self.max_len, device=eot_idx.device)
         valid = steps.unsqueeze(0) < counts.unsqueeze(1)  # [C, S]
         self.valid = valid
         self.dense = bool(valid.all())
-        # Row of every packed token in the flattened padded grid, and its position in the sequence.
+        ends = counts.cumsum(0)
+        starts = ends - counts
+        # Packed row (offset by P) of each class's EOT, its last suffix token.
+        self.eot_rows = p + ends - 1  # [C]
+        # Packed row read by every grid cell. Pad cells (after their class's EOT) read the EOT row:
+        # any finite value works, causality keeps pad keys away from valid queries.
+        self.grid_src = (p + torch.minimum(starts.unsqueeze(1) + steps, ends.unsqueeze(1) - 1)).reshape(-1)
+        # Flattened grid cells holding real tokens, in packed order.
         self.grid_rows = valid.reshape(-1).nonzero().squeeze(1)  # [T]
-        self.positions = (prefix_len + steps).unsqueeze(0).expand_as(valid)[valid]  # [T]
-        # Packed row of each class's EOT (its last suffix token).
-        self.eot_rows = counts.cumsum(0) - 1  # [C]
-        self.num_tokens = int(self.grid_rows.shape[0])
+        self.positions = (p + steps).unsqueeze(0).expand_as(valid)[valid]  # [T]
 
-    def pack(self, x: Tensor) -> Tensor:
-        """``[C, >=S, W]`` -> packed ``[T, W]``."""
-        x = x[:, : self.max_len]
+    def pack(self, suffix: Tensor) -> Tensor:
+        """Suffix embeddings ``[C, >=S, W]`` -> packed ``[T, W]``."""
+        x = suffix[:, : self.max_len]
         return x.reshape(-1, x.shape[-1]) if self.dense else x[self.valid]
 
     def to_grid(self, x: Tensor) -> Tensor:
-        """Packed ``[T, W]`` -> padded ``[C, S, W]`` (pad rows are zero)."""
-        if not self.dense:
-            x = x.new_zeros(self.num_classes * self.max_len, x.shape[-1]).index_copy_(0, self.grid_rows, x)
-        return x.view(self.num_classes, self.max_len, -1)
+        """Packed rows ``[P + T, W]`` -> suffix grid ``[C, S, W]``."""
+        if self.dense:
+            return x[self.prefix_len:].view(self.num_classes, self.max_len, -1)
+        return x.index_select(0, self.grid_src).view(self.num_classes, self.max_len, -1)
 
     def from_grid(self, x: Tensor) -> Tensor:
-        """Padded ``[C, S, W]`` -> packed ``[T, W]``."""
+        """Suffix grid ``[C, S, W]`` -> packed suffix rows ``[T, W]``."""
         x = x.reshape(-1, x.shape[-1])
         return x if self.dense else x.index_select(0, self.grid_rows)
 
@@ -151,38 +158,37 @@ def encode_text_shared_prefix(clip_model: nn.Module, prefix: Tensor, suffix: Ten
     if p + layout.max_len > clip_model.positional_embedding.shape[0]:
         raise ValueError(f"prompts of {p + layout.max_len} tokens exceed the context length")
     pos = clip_model.positional_embedding.to(dtype)
-    x_p = (prefix.to(dtype) + pos[:p]).unsqueeze(0)  # [1, P, W]
-    x_s = layout.pack(suffix.to(dtype)) + pos[layout.positions]  # [T, W]
+    # One packed array of rows: the prefix once, then every class's suffix tokens up to its EOT, so
+    # each per-token layer is a single call on P + T rows.
+    x = torch.cat([prefix.to(dtype) + pos[:p], layout.pack(suffix.to(dtype)) + pos[layout.positions]])
     blocks = clip_model.transformer.resblocks
     last = len(blocks) - 1
     for i, block in enumerate(blocks):
         attn = block.attn
-        h_p = block.ln_1(x_p)
-        k_p, v_p = attn.k_proj(h_p)[0], attn.v_proj(h_p)[0]
-        h_s = block.ln_1(x_s)
-        k_s, v_s = layout.to_grid(attn.k_proj(h_s)), layout.to_grid(attn.v_proj(h_s))
+        h = block.ln_1(x)
+        k, v = attn.k_proj(h), attn.v_proj(h)
+        k_p, v_p = k[:p], v[:p]
+        k_s, v_s = layout.to_grid(k), layout.to_grid(v)
         if i < last:
+            q = attn.q_proj(h)
             # The prefix is an ordinary causal sequence of its own.
-            o_p = F.scaled_dot_product_attention(attn.split_heads(attn.q_proj(h_p)), attn.split_heads(k_p[None]),
+            o_p = F.scaled_dot_product_attention(attn.split_heads(q[None, :p]), attn.split_heads(k_p[None]),
                                                  attn.split_heads(v_p[None]), is_causal=True)
-            x_p = x_p + attn.out_proj(attn.merge_heads(o_p))
-            x_p = x_p + block.mlp(block.ln_2(x_p))
-            q_s = layout.to_grid(attn.q_proj(h_s))
-            o_s = layout.from_grid(_suffix_attention(q_s, k_s, v_s, k_p, v_p, attn.num_heads))
-            x_s = x_s + attn.out_proj(o_s)
-            x_s = x_s + block.mlp(block.ln_2(x_s))
+            o_s = _suffix_attention(layout.to_grid(q), k_s, v_s, k_p, v_p, attn.num_heads)
+            x = x + attn.out_proj(torch.cat([attn.merge_heads(o_p)[0], layout.from_grid(o_s)]))
+            x = x + block.mlp(block.ln_2(x))
         else:
             # Only the EOT rows are read out: queries, out-projection and MLP for them alone. The
             # EOT is its class's last suffix token, so it attends to the whole valid suffix; pad
             # keys beyond it must still be masked.
-            q_e = attn.q_proj(h_s.index_select(0, layout.eot_rows)).unsqueeze(1)  # [C, 1, W]
+            q_e = attn.q_proj(h.index_select(0, layout.eot_rows)).unsqueeze(1)  # [C, 1, W]
             if not layout.dense:
                 o_e = _masked_last_query_attention(q_e, k_s, v_s, k_p, v_p, attn.num_heads, layout.valid)
             else:
                 o_e = _suffix_attention(q_e, k_s, v_s, k_p, v_p, attn.num_heads, query_last_only=True)
-            x_e = x_s.index_select(0, layout.eot_rows) + attn.out_proj(o_e[:, 0])
-            x_s = x_e + block.mlp(block.ln_2(x_e))
-    return clip_model.text_projection(clip_model.ln_final(x_s))
+            x_e = x.index_select(0, layout.eot_rows) + attn.out_proj(o_e[:, 0])
+            x = x_e + block.mlp(block.ln_2(x_e))
+    return clip_model.text_projection(clip_model.ln_final(x))
 
 
 def _masked_last_query_attention(q: Tensor, k_s: Tensor, v_s: Tensor, k_p: Tensor, v_p: Tensor, num_heads: int,
