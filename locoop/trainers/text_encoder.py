@@ -14,13 +14,14 @@ Three ways to get the EOT features of ``C`` prompts, all equal up to float reass
 
   The suffix tokens of all classes are *packed*: each class contributes only its tokens up to its
   own EOT (``eot_c - P + 1`` of them; 4.2 on average for the ImageNet names against 30 for the
-  truncated prompt), so every per-token layer (LayerNorms, q/k/v/out projections, MLP), which is
-  where nearly all the time goes, runs on ``sum_c (eot_c - P + 1)`` rows instead of
-  ``C * (max eot + 1)``. For attention the packed q/k/v are scattered into a padded
-  ``[C, S, H, d]`` grid (S = longest suffix; pad rows come after their class's EOT, so causality
-  keeps them from affecting it) and the scores against the prefix are one ``[C*S, d] x [d, P]``
-  matmul per head on the shared prefix keys - the prefix is never copied per class. Both score
-  blocks go through one softmax.
+  truncated prompt). The prefix rows and all packed suffix rows form one ``[P + T, W]`` array, so
+  every per-token layer (LayerNorms, q/k/v/out projections, MLP), which is where nearly all the time
+  goes, is one call on ``P + sum_c (eot_c - P + 1)`` rows instead of ``C * (max eot + 1)``.
+  For attention the suffix q/k/v rows are gathered into a padded ``[C, S, W]`` grid (S = longest
+  suffix; a pad cell repeats its class's EOT row and sits after it, so causality keeps it from
+  affecting that class, and its zero output gradient adds nothing) and the scores against the
+  prefix are one ``[C*S, d] x [d, P]`` matmul per head on the single copy of the prefix keys - the
+  prefix is never copied per class. Both score blocks go through one softmax.
   In the last block only the EOT rows need an output, so only they get queries, the
   out-projection and the MLP.
 
