@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("locoop.commands.demo", "Smoke demo on generated data with a tiny CLIP: train -> eval -> visualise"),
     "setar-search": ("locoop.commands.setar_search", "SeTAR: training-free low-rank search, then the OOD benchmark"),
     "setar-finetune": ("locoop.commands.setar_finetune", "SeTAR+FT / LoRA fine-tuning with the LoCoOp loss, then the OOD benchmark"),
+    "extract": ("locoop.commands.extract", "Cache the image features of the ID/OOD sets (fast re-evaluation)"),
     "summarize": ("locoop.commands.summarize", "Average several seeds' ood_results.json (mean and std)"),
     "check-data": ("locoop.commands.check_data", "Check a dataset folder layout and report what to fix"),
 }
