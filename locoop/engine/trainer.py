@@ -24,7 +24,9 @@ is what ``DistributedDataParallel`` computes. The modules are not wrapped in DDP
 text encoder reads the prompt learner's tensors without calling its ``forward``, and DDP's
 reducer silently skips the all-reduce when the forward bypasses the wrapper. The global batch is
 ``DATALOADER.TRAIN_X.BATCH_SIZE * world size`` (keep the product, or scale ``OPTIM.LR``, when
-changing the number of processes). Validation/test loaders are sharded and the outputs gathered,
+changing the number of processes). A loss that is a mean over the batch equals its single-process
+value with the global batch (CoOp's cross-entropy); a mean over a data-dependent subset (LoCoOp's
+entropy over the selected patches) becomes the average of per-rank means, exactly as under DDP. Validation/test loaders are sharded and the outputs gathered,
 so every image is evaluated once. Only rank 0 logs, shows progress bars and writes checkpoints.
 """
 from __future__ import annotations
