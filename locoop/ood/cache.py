@@ -338,33 +338,38 @@ class FeatureCache:
             raise ValueError(f"its parts hold {rows} rows, the manifest says {manifest.get('num_rows')}")
 
     def lookup(self, name: str, key: Optional[CacheKey], need_local: bool = True) -> Optional[CachedFeatures]:
-        """The valid entry of set ``name`` for ``key``, or None (with a message for unusable entries)."""
+        """The valid entry of set ``name`` for ``key``, or None.
+
+        When there is none, every other entry of the set is reported with the reason it cannot
+        be used (which key components differ, or what is broken) and its size.
+        """
         if key is None:
             return None
         want = self.entry_path(name, key)
-        for path in self.entries(name):
+        if want.is_dir():
             try:
-                manifest = self.read_manifest(path)
-            except ValueError as e:
-                self._say(f"Feature cache {path} ignored: {e}")
-                continue
-            if path != want:
-                have = manifest.get("components") or {}
-                differ = [_COMPONENT_WORDS[k] for k, v in key.as_dict().items() if have.get(k) != v]
-                why = ", ".join(differ) if differ else "another key"
-                self._say(f"Feature cache {path} ignored (stale or foreign): {why} differ")
-                continue
-            try:
-                self._validate(path, manifest, key)
+                manifest = self.read_manifest(want)
+                self._validate(want, manifest, key)
                 if need_local and not manifest.get("with_local"):
                     raise ValueError("it has no local features (needed by L-MCM / GL-MCM); run extract again")
-                entry = CachedFeatures(path, manifest)
+                entry = CachedFeatures(want, manifest)
                 if entry.num_rows and manifest["parts"]:
                     entry._load_part(0)  # a corrupt file fails here, before the evaluation relies on it
+                return entry
             except Exception as e:  # noqa: BLE001 - any failure means: do not use it
-                self._say(f"Feature cache {path} ignored: {e}")
+                self._say(f"Feature cache {want} ignored: {e}")
+        for path in self.entries(name):
+            if path == want:
                 continue
-            return entry
+            size = format_bytes(directory_size(path))
+            try:
+                have = self.read_manifest(path).get("components") or {}
+            except ValueError as e:
+                self._say(f"Feature cache {path} ignored: {e} ({size}; delete it to free the space)")
+                continue
+            differ = [_COMPONENT_WORDS[k] for k, v in key.as_dict().items() if have.get(k) != v]
+            why = (", ".join(differ) + " differ") if differ else "its folder name does not match its key (renamed?)"
+            self._say(f"Feature cache {path} ignored (stale or foreign): {why} ({size})")
         return None
 
     def writer(self, name: str, key: CacheKey, meta: Optional[Dict[str, Any]] = None,
