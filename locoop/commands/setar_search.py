@@ -229,11 +229,13 @@ def _batches(cfg: Any, items, tfm, with_labels: bool) -> list:
     return out
 
 
-def build_search_data(cfg: Any, dataset: Any, text, criterion: str, mode: str):
-    """Preprocess the ID validation images (and OOD validation images for metric criteria) once."""
-    from locoop.data import build_ood_datasets, build_transform
-    from locoop.setar.search import SearchData
+def check_search_dataset(cfg: Any, dataset: Any, criterion: str) -> list:
+    """The ID validation items, checked to be disjoint from the test split; and top-K vs the classes.
 
+    Raises:
+        ValueError: no validation images, validation = test (the search would see test images),
+            or ``SETAR.TOPK`` larger than the number of classes.
+    """
     val = list(dataset.val or [])
     if not val:
         raise ValueError(f"the dataset {cfg.DATASET.NAME} has no validation images; set DATASET.VAL_SPLIT_FILE")
@@ -243,6 +245,18 @@ def build_search_data(cfg: Any, dataset: Any, text, criterion: str, mode: str):
             "the validation split is the test split: the search must not see test images. Set "
             "DATASET.VAL_SPLIT_FILE to SeTAR's split JSON ({class folder: [file names]}, e.g. "
             "imagenet1k_val_data.json / voc_val_data.json from the SeTAR repository) or give the dataset a val/ folder")
+    if criterion in ("loss", "loss_id", "loss_ood") and int(cfg.SETAR.TOPK) > dataset.num_classes:
+        raise ValueError(f"SETAR.TOPK {cfg.SETAR.TOPK} exceeds the {dataset.num_classes} classes of "
+                         f"{cfg.DATASET.NAME}; SeTAR uses 300 of 1000 (ImageNet) and 4 of 14 (VOC)")
+    return val
+
+
+def build_search_data(cfg: Any, dataset: Any, text, criterion: str, mode: str):
+    """Preprocess the ID validation images (and OOD validation images for metric criteria) once."""
+    from locoop.data import build_ood_datasets, build_transform
+    from locoop.setar.search import SearchData
+
+    val = check_search_dataset(cfg, dataset, criterion)
     tfm = build_transform(cfg, is_train=False)
     use_ood = criterion in ("auroc", "aupr", "fpr95")
 
@@ -297,6 +311,8 @@ def _run(args: argparse.Namespace) -> int:
 
     device = _device(cfg)
     dataset = build_dataset(cfg, need_train=False)
+    if search:
+        check_search_dataset(cfg, dataset, checked["criterion"])  # before the model is loaded
     model = _load_clip(cfg, device)
     text, text_meta = build_text(cfg, model, list(dataset.classnames), args.model_dir, args.load_epoch, dataset)
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
