@@ -20,6 +20,7 @@ Prompts: zero-shot ``SETAR.PROMPT_TEMPLATE`` (``"a photo of a {}."``; SeTAR's co
 of a LoCoOp/CoOp run (``RUN/prompt_learner/model-best.pth.tar`` or ``model.pth.tar-<epoch>``;
 ``TRAINER.LOCOOP.N_CTX / CSC / CTX_INIT / CLASS_TOKEN_POSITION`` must match the run).
 The model runs in fp32 (SeTAR's reference does too); the SVDs are fp32 in any case.
+``--lambda_value`` / ``--topk`` set ``SETAR.LAMBDA`` / ``SETAR.TOPK`` (the criterion's LoCoOp loss).
 """
 from __future__ import annotations
 
@@ -282,6 +283,11 @@ def _run(args: argparse.Namespace) -> int:
         cfg.SETAR.SETTINGS_FILE = args.settings
     if args.mode is not None:
         cfg.SETAR.MODE = args.mode
+    # The papers' --lambda_value / --topk flags set the search criterion's values here.
+    if getattr(args, "lambda_value", None) is not None:
+        cfg.SETAR.LAMBDA = float(args.lambda_value)
+    if getattr(args, "topk", None) is not None:
+        cfg.SETAR.TOPK = int(args.topk)
     cfg.freeze()
     settings_file = _settings_file(cfg)
     search = not settings_file
