@@ -25,7 +25,10 @@ common context, so it also gives the loss and gradient that are compared.
 
 Time: a third subprocess holds one model and alternates naive and ours steps (one warm-up round,
 then ``--repeats`` rounds), so the load changes of a shared machine hit both alike. Step time =
-median over the rounds; ratio = naive / ours.
+median over the rounds; ratio = naive / ours. The process CPU time per step and the load average
+are reported too: on a CPU shared with other busy processes, multi-threaded runs lose time at every
+parallel region waiting for a descheduled thread, which costs the fast path (many mid-sized ops)
+relatively more than the naive one (few huge matmuls); ``--threads 1`` is immune to that.
 """
 from __future__ import annotations
 
