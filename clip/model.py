@@ -356,24 +356,40 @@ class CLIP(nn.Module):
         eot = h[torch.arange(h.shape[0], device=h.device), eot_idx]
         return self.text_projection(self.ln_final(eot))
 
+    # Prompts per length bucket; below two buckets' worth, one truncation is cheaper than sorting.
+    TEXT_BUCKET_SIZE = 128
+    TEXT_MAX_BUCKETS = 4
+
     def encode_text(self, tokens: Tensor) -> Tensor:
         """EOT features ``[B, D]`` of tokenized text.
 
-        With a causal mask, tokens after a sequence's EOT cannot influence it, so every batch is
-        cut after its longest EOT: the same features as the full context, for less work.
+        With a causal mask, tokens after a sequence's EOT cannot influence it, so sequences are
+        cut after their EOT: the same features as the full context, for less work (see
+        :meth:`encode_text_embeddings`).
         """
-        x, eot_idx = self.text_embed(tokens)
-        return self.text_forward_from(x, 0, eot_idx)
+        return self.encode_text_embeddings(self.token_embedding(tokens), tokens.argmax(dim=-1))
 
     def encode_text_embeddings(self, x: Tensor, eot_idx: Tensor) -> Tensor:
         """EOT features from token embeddings ``[B, L, W]`` (no positional embedding added yet).
 
-        Used by prompt learners, which build the embeddings themselves. Truncated after the
-        longest EOT like :meth:`encode_text`.
+        Prompt learners build the embeddings themselves. Every sequence is cut after the
+        longest EOT of its group: large batches are sorted by EOT position and split into a few
+        equal-count buckets, each cut after its own longest EOT, so a few long class names do not
+        make every prompt pay for their length. Exact: causal attention never looks past a
+        sequence's EOT.
         """
+        n = x.shape[0]
+        n_buckets = min(self.TEXT_MAX_BUCKETS, n // self.TEXT_BUCKET_SIZE)
+        if n_buckets <= 1:
+            return self._encode_truncated(x, eot_idx)
+        order = eot_idx.argsort()
+        parts = [self._encode_truncated(x[idx], eot_idx[idx]) for idx in order.tensor_split(n_buckets)]
+        return torch.cat(parts)[order.argsort()]
+
+    def _encode_truncated(self, x: Tensor, eot_idx: Tensor) -> Tensor:
         length = int(eot_idx.max()) + 1
-        x = x[:, :length].to(self.dtype) + self.positional_embedding[:length].to(self.dtype)
-        return self.text_forward_from(x, 0, eot_idx)
+        h = x[:, :length].to(self.dtype) + self.positional_embedding[:length].to(self.dtype)
+        return self.text_forward_from(h, 0, eot_idx)
 
     def forward(self, images: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
         img = F.normalize(self.encode_image(images), dim=-1)

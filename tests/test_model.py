@@ -162,3 +162,38 @@ def test_fp16_conversion_keeps_norms_fp32():
     assert model.ln_final.weight.dtype == torch.float32
     assert model.text_projection.weight.dtype == torch.float16
     assert model.positional_embedding.dtype == torch.float16
+
+
+def test_length_buckets_match_full_context_and_keep_order():
+    """Large batches are encoded in EOT-sorted buckets; features and order equal the full context."""
+    model = _random_model(VIT)
+    g = torch.Generator().manual_seed(0)
+    n = 3 * CLIP.TEXT_BUCKET_SIZE + 7
+    lengths = torch.randint(1, 40, (n,), generator=g)
+    toks = torch.zeros(n, 77, dtype=torch.long)
+    toks[:, 0] = 49406
+    for i, ln in enumerate(lengths.tolist()):
+        toks[i, 1:ln + 1] = torch.randint(1, 49000, (ln,), generator=g)
+        toks[i, ln + 1] = 49407
+    with torch.no_grad():
+        fast = model.encode_text(toks)
+        full = encode_text_full_naive(model, toks)
+        one_by_one = torch.cat([model.encode_text(toks[i:i + 1]) for i in range(0, n, 97)])
+    torch.testing.assert_close(fast, full, rtol=0, atol=1e-5)
+    torch.testing.assert_close(fast[::97], one_by_one, rtol=0, atol=1e-5)
+
+
+def test_length_buckets_propagate_gradients_to_embeddings():
+    model = _random_model(VIT)
+    n = 2 * CLIP.TEXT_BUCKET_SIZE
+    toks = torch.zeros(n, 77, dtype=torch.long)
+    toks[:, 0] = 49406
+    eot = 2 + torch.arange(n) % 30
+    toks[torch.arange(n), eot] = 49407
+    emb = model.token_embedding(toks).detach().requires_grad_(True)
+    model.encode_text_embeddings(emb, eot).sum().backward()
+    emb_ref = emb.detach().clone().requires_grad_(True)
+    from clip.naive import encode_text_embeddings_full_naive
+
+    encode_text_embeddings_full_naive(model, emb_ref, eot).sum().backward()
+    torch.testing.assert_close(emb.grad, emb_ref.grad, rtol=0, atol=1e-5)
