@@ -12,8 +12,10 @@ The default size fits a 2-core CPU in a few minutes: the depth and token count o
 (12 blocks per tower, 224 px in 32 px patches = 50 tokens) with width 128, 100 classes and 50
 validation images (SeTAR's ImageNet split has one image per class). ``--preset vit-b32`` /
 ``vit-b16`` use the real widths (for a GPU, or patience). Timings include the SVDs (computed once
-per matrix in both modes); the naive mode works on already-decoded tensors, so the image decoding
-it would redo per candidate in a real run is *not* counted (conservative).
+per matrix in both modes). The validation images are JPEG files of ImageNet's typical size
+(500x375) decoded with CLIP's preprocessing: the fast mode decodes them once, the naive mode for
+every candidate, as the reference's data loader does (``--no-image-files``: random tensors, no
+decoding counted in either mode).
 
 ratio = naive wall time / fast wall time (each the fastest of ``--repeats`` alternating runs);
 the CPU-time ratio is printed next to it because a shared machine disturbs wall times (other
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,6 +36,7 @@ from clip.configs import CLIPConfig
 from clip.model import build_model
 from clip.tiny import random_state_dict
 from clip.tokenizer import tokenize
+from clip.transform import build_preprocess
 from locoop.setar.search import DEFAULT_RATIOS, SearchData, TextInputs, run_search
 
 PRESETS = {
@@ -51,6 +55,28 @@ def _class_names(n: int) -> list:
     return names[:n]
 
 
+def _write_jpegs(folder: Path, n: int, g: torch.Generator) -> list:
+    """Smooth random 500x375 JPEGs (ImageNet's typical size), so decoding costs what it does there."""
+    from PIL import Image
+
+    files = []
+    for i in range(n):
+        low = torch.rand(1, 3, 12, 16, generator=g)
+        img = torch.nn.functional.interpolate(low, size=(375, 500), mode="bilinear", align_corners=False)[0]
+        img = (img + 0.05 * torch.rand(img.shape, generator=g)).clamp(0, 1)
+        path = folder / f"{i:05d}.JPEG"
+        Image.fromarray((img.permute(1, 2, 0) * 255).to(torch.uint8).numpy()).save(path, quality=90)
+        files.append(path)
+    return files
+
+
+def _decode(files: list, res: int) -> torch.Tensor:
+    from PIL import Image
+
+    preprocess = build_preprocess(res)
+    return torch.stack([preprocess(Image.open(f)) for f in files])
+
+
 def run(args) -> dict:
     layers, vw, tw, ed, res, patch = PRESETS[args.preset]
     layers = args.layers or layers
@@ -63,10 +89,20 @@ def run(args) -> dict:
     g = torch.Generator().manual_seed(args.seed)
     n, c, b = args.images, args.classes, args.batch_size
     labels = torch.arange(n) % c
-    images = torch.randn(n, 3, res, res, generator=g)
-    batches = [(images[i:i + b], labels[i:i + b]) for i in range(0, n, b)]
     tokens = tokenize([f"a photo of a {name}." for name in _class_names(c)])
-    data = SearchData(batches, TextInputs(tokens=tokens, chunk_size=args.text_chunk))
+    reload = None
+    if args.image_files:
+        files = _write_jpegs(Path(tempfile.mkdtemp(prefix="bench_setar_")), n, g)
+
+        def decode():
+            images = _decode(files, res)
+            return [(images[i:i + b], labels[i:i + b]) for i in range(0, n, b)], []
+
+        batches, reload = decode()[0], decode
+    else:
+        images = torch.randn(n, 3, res, res, generator=g)
+        batches = [(images[i:i + b], labels[i:i + b]) for i in range(0, n, b)]
+    data = SearchData(batches, TextInputs(tokens=tokens, chunk_size=args.text_chunk), reload=reload)
     top_k = args.topk if args.topk else max(1, round(0.3 * c))  # SeTAR: 300 of 1000 classes
     kw = dict(searcher=args.searcher, weight_types=args.weight_types, ratios=args.ratios, lam=args.lam, top_k=top_k,
               freeze_proj=not args.search_proj, verbose=args.verbose, device=device)
@@ -128,7 +164,7 @@ def run(args) -> dict:
     }
     settings = {"preset": args.preset, "layers": layers, "vision_width": vw, "text_width": tw,
                 "embed_dim": cfg.embed_dim, "resolution": res, "patch": patch, "tokens": (res // patch) ** 2 + 1,
-                "classes": c, "images": n, "batch_size": b, "ratios": list(args.ratios), "top_k": top_k,
+                "classes": c, "images": n, "image_files": bool(args.image_files), "batch_size": b, "ratios": list(args.ratios), "top_k": top_k,
                 "lambda": args.lam, "repeats": args.repeats, "device": str(device), "threads": torch.get_num_threads(),
                 "torch": torch.__version__}
     return {"results": [result], "settings": settings}
@@ -157,6 +193,8 @@ def main(argv=None) -> int:
     p.add_argument("--embed-dim", type=int, default=None, help="joint embedding size")
     p.add_argument("--classes", type=int, default=100)
     p.add_argument("--images", type=int, default=50, help="validation images (labels cycle over the classes)")
+    p.add_argument("--no-image-files", dest="image_files", action="store_false",
+                   help="random tensors instead of JPEG files decoded per candidate by the naive mode")
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--text-chunk", type=int, default=1000, help="prompts per text forward pass")
     p.add_argument("--searcher", default="visual_text")
