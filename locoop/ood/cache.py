@@ -24,7 +24,13 @@ ignored with a message saying why, never used.
 Cache folder: ``OOD.CACHE_DIR``, else ``$LOCOOP_FEATURE_CACHE``, else
 ``$XDG_CACHE_HOME/locoop/features`` (``~/.cache/locoop/features``): per user, outside the data
 root (often read-only and shared) and outside run folders (so runs share it). ViT-B/16 needs about
-200 KB per image (ImageNet val + the four OOD sets: about 18 GB); delete entries freely.
+200 KB per image (ImageNet val + the four OOD sets: about 18 GB); delete entries freely. Under
+torchrun every rank writes the parts of its shard and reads the rows of its shard, so on several
+nodes the folder must be on a shared file system (the runner falls back to encoding otherwise).
+
+Scores from the cache are bit-identical to an uncached evaluation with the same
+``DATALOADER.TEST.BATCH_SIZE`` as the extraction (batches are aligned to it); with another batch
+size they agree to float rounding.
 """
 from __future__ import annotations
 

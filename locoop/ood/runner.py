@@ -200,7 +200,17 @@ def run_ood_benchmark(cfg: Any, clip_model: torch.nn.Module, text_features: torc
             hit = cache.lookup(cache_set_name(cfg, name), key, need_local=checked["with_local"])
             path = str(hit.path) if hit is not None else None
         path = dist.broadcast_object(path)
-        return CachedFeatures(Path(path), FeatureCache.read_manifest(Path(path))) if path else None
+        if not path:
+            return None
+        try:
+            entry = CachedFeatures(Path(path), FeatureCache.read_manifest(Path(path)))
+        except ValueError:
+            entry = None  # e.g. a cache folder that is not shared between nodes
+        if not all(dist.all_gather_object(entry is not None)):
+            if verbose:
+                print(f"{name}: cached features in {path} are not readable on every rank; encoding the images")
+            return None
+        return entry
 
     def encode_and_score(name: str, items: Sequence):
         """Stream one set (this rank's shard) through the model or from the cache; keep only scores."""
