@@ -126,3 +126,13 @@ def test_evaluate_all_layout():
     assert res["MCM"]["Texture"] == pytest.approx({"fpr95": 0.0, "auroc": 1.0, "aupr": 1.0})
     with pytest.raises(ValueError, match="OOD set 'SUN' has no scores for \\['GL-MCM'\\]"):
         evaluate_all({"MCM": [1.0], "GL-MCM": [1.0]}, {"SUN": {"MCM": [0.0]}})
+
+
+def test_perfect_separation_stays_within_unit_interval():
+    # sklearn's average precision sums to 1.0000000000000002 here; results files require [0, 1].
+    from locoop.ood.metrics import ood_metrics as metrics
+
+    assert average_precision_score(np.r_[np.ones(9), np.zeros(5)], np.r_[np.linspace(0.5, 0.9, 9), np.linspace(0.0, 0.4, 5)]) > 1.0
+    m = metrics(np.linspace(0.5, 0.9, 9), np.linspace(0.0, 0.4, 5), include_openood=True)
+    assert m["aupr"] == 1.0 and m["auroc"] == 1.0 and m["fpr95"] == 0.0
+    assert all(0.0 <= v <= 1.0 for v in m.values())

@@ -147,6 +147,12 @@ def fpr_at_recall(id_scores: ArrayLike, ood_scores: ArrayLike, recall_level: flo
     return float(fp[pick] / n_neg)
 
 
+def _unit(x: float) -> float:
+    """A fraction, clamped to [0, 1]: sklearn's sums can overshoot 1 by a rounding error
+    (``average_precision_score`` gives 1.0000000000000002 for 9 perfectly separated ID scores)."""
+    return min(1.0, max(0.0, float(x)))
+
+
 def ood_metrics(id_scores: ArrayLike, ood_scores: ArrayLike, recall_level: float = 0.95,
                 include_openood: bool = False) -> Dict[str, float]:
     """FPR95, AUROC and AUPR exactly as the MCM / GL-MCM / LoCoOp evaluation code.
@@ -170,8 +176,8 @@ def ood_metrics(id_scores: ArrayLike, ood_scores: ArrayLike, recall_level: float
     y, s = _labels_and_scores(id_s, ood_s)
     out = {
         "fpr95": fpr_at_recall(id_s, ood_s, recall_level, rule="closest"),
-        "auroc": float(roc_auc_score(y, s)),
-        "aupr": float(average_precision_score(y, s)),
+        "auroc": _unit(roc_auc_score(y, s)),
+        "aupr": _unit(average_precision_score(y, s)),
     }
     if include_openood:
         out.update(ood_metrics_openood(id_s, ood_s, recall_level))
@@ -200,9 +206,9 @@ def ood_metrics_openood(id_scores: ArrayLike, ood_scores: ArrayLike, tpr_level: 
     p_out, r_out, _ = precision_recall_curve(y_ood, -s)
     return {
         "fpr95_openood": float(fpr[int(np.argmax(tpr >= tpr_level))]),
-        "auroc_openood": float(auc(fpr, tpr)),
-        "aupr_in": float(auc(r_in, p_in)),
-        "aupr_out": float(auc(r_out, p_out)),
+        "auroc_openood": _unit(auc(fpr, tpr)),
+        "aupr_in": _unit(auc(r_in, p_in)),
+        "aupr_out": _unit(auc(r_out, p_out)),
     }
 
 
