@@ -236,7 +236,11 @@ def write_run_info(cfg: Any, trainer: Any, extra: Optional[Dict[str, Any]] = Non
 
     from locoop.config import cfg_to_dict, dump_cfg
 
+    from locoop.engine import dist
+
     out = cfg.OUTPUT_DIR
+    if not dist.is_main_process():  # under torchrun rank 0 writes; others would race on the same temp name
+        return os.path.join(out, RUN_INFO)
     os.makedirs(out, exist_ok=True)
     dump_cfg(cfg, os.path.join(out, "config.yaml"))
     ds = getattr(getattr(trainer, "dm", None), "dataset", None)

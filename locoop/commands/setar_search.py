@@ -332,6 +332,11 @@ def _run(args: argparse.Namespace) -> int:
     if args.model_dir:
         meta["model_dir"] = args.model_dir
 
+    from locoop.engine import dist
+
+    # Under torchrun every rank runs the (deterministic) search so all hold the pruned model for the
+    # sharded test pass; only rank 0 shows progress and writes the search files.
+    main_rank = dist.is_main_process()
     if search:
         data = build_search_data(cfg, dataset, text, checked["criterion"], cfg.SETAR.MODE)
         result = run_search(
@@ -339,7 +344,7 @@ def _run(args: argparse.Namespace) -> int:
             ratios=checked["ratios"], prune_type=cfg.SETAR.PRUNE_TYPE, seed=max(int(cfg.SEED), 0),
             freeze_proj=bool(cfg.SETAR.FREEZE_PROJ), criterion=checked["criterion"], lam=float(cfg.SETAR.LAMBDA),
             top_k=int(cfg.SETAR.TOPK), score=str(cfg.SETAR.SCORE), T=float(cfg.OOD.T), mode=cfg.SETAR.MODE,
-            device=device, output_dir=cfg.OUTPUT_DIR, verbose=bool(cfg.VERBOSE),
+            device=device, output_dir=cfg.OUTPUT_DIR if main_rank else None, verbose=bool(cfg.VERBOSE) and main_rank,
             cache_gib=float(cfg.SETAR.CACHE_GB), editor=editor)
         settings = result.settings
         print(f"SeTAR search done in {result.seconds:.1f} s ({cfg.SETAR.MODE} mode): {checked['criterion']} "
@@ -350,7 +355,8 @@ def _run(args: argparse.Namespace) -> int:
                               "search_seconds": result.seconds, "counters": result.counters})
     elif settings is not None:
         settings = apply_settings(editor, settings)
-        save_settings(os.path.join(cfg.OUTPUT_DIR, "best_settings.json"), settings)
+        if main_rank:
+            save_settings(os.path.join(cfg.OUTPUT_DIR, "best_settings.json"), settings)
         print(f"Applied {len(nonzero(settings))} non-zero settings from {settings_file}")
         meta["setar"]["settings_file"] = os.path.abspath(settings_file)
     else:

@@ -195,7 +195,7 @@ def _add_ood(c: CN) -> None:
     c.OOD.T = 1.0  # softmax temperature on cosine similarities (MCM's T)
     c.OOD.FPR_CONVENTION = "mcm"  # mcm (ID positive, TPR closest to 0.95) or openood (OOD positive)
     c.OOD.PLOT = True  # write score-distribution histograms
-    c.OOD.CACHE_DIR = ""  # image-feature cache folder ("" = OUTPUT_DIR/feature_cache)
+    c.OOD.CACHE_DIR = ""  # image-feature cache folder ("" = $LOCOOP_FEATURE_CACHE, else ~/.cache/locoop/features)
     c.OOD.USE_CACHE = True  # reuse cached image features
 
 
