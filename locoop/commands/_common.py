@@ -235,6 +235,7 @@ def write_run_info(cfg: Any, trainer: Any, extra: Optional[Dict[str, Any]] = Non
     import json
 
     from locoop.config import cfg_to_dict, dump_cfg
+    from locoop.engine.fileio import atomic_write_text
 
     from locoop.engine import dist
 
@@ -251,12 +252,7 @@ def write_run_info(cfg: Any, trainer: Any, extra: Optional[Dict[str, Any]] = Non
             info[key] = value
     info.update(extra or {})
     info["config"] = cfg_to_dict(cfg)
-    path = os.path.join(out, RUN_INFO)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(info, f, indent=2, default=str)
-    os.replace(tmp, path)
-    return path
+    return str(atomic_write_text(os.path.join(out, RUN_INFO), json.dumps(info, indent=2, default=str)))
 
 
 def read_run_info(model_dir: Optional[str]) -> Optional[Dict[str, Any]]:

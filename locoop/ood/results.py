@@ -12,15 +12,14 @@ import csv
 import io
 import json
 import math
-import os
 import platform
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Union
 
 import numpy as np
 
+from locoop.engine.fileio import atomic_write_text
 from locoop.ood.metrics import FPR_CONVENTION
 
 RESULTS_FORMAT_VERSION = 1
@@ -33,25 +32,6 @@ MD_NAME, CSV_NAME, JSON_NAME = "ood_results.md", "ood_results.csv", "ood_results
 Results = Mapping[str, Mapping[str, Mapping[str, float]]]
 
 
-def atomic_write_text(path: Union[str, Path], text: str) -> Path:
-    """Write ``text`` to ``path`` via a temporary file and ``os.replace``.
-
-    A crash mid-write leaves either the old file or none, never a truncated one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def _version(module: str) -> Optional[str]:

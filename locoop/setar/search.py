@@ -47,6 +47,7 @@ one block) in :attr:`SearchResult.counters`.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -59,6 +60,8 @@ import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
+
+from locoop.engine.fileio import atomic_write_text
 
 from .lowrank import LowRankEditor, get_linear, n_removed, num_layers
 from .searchers import Step, build_steps, get_searcher
@@ -825,16 +828,13 @@ def write_search_outputs(output_dir: Union[str, os.PathLike], log: Sequence[dict
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"csv": out / "search_log.csv", "json": out / "search_log.json", "settings": out / "best_settings.json"}
-    tmp = paths["csv"].with_name("search_log.csv.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=LOG_COLUMNS, extrasaction="ignore")
-        w.writeheader()
-        for row in log:
-            w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in LOG_COLUMNS})
-    os.replace(tmp, paths["csv"])
-    tmp = paths["json"].with_name("search_log.json.tmp")
-    tmp.write_text(json.dumps(list(log), indent=1), encoding="utf-8")
-    os.replace(tmp, paths["json"])
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=LOG_COLUMNS, extrasaction="ignore")
+    w.writeheader()
+    for row in log:
+        w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in LOG_COLUMNS})
+    atomic_write_text(paths["csv"], buf.getvalue())
+    atomic_write_text(paths["json"], json.dumps(list(log), indent=1))
     save_settings(paths["settings"], settings)
     if result is not None:
         paths["summary"] = out / "search_summary.json"
@@ -842,7 +842,5 @@ def write_search_outputs(output_dir: Union[str, os.PathLike], log: Sequence[dict
                    "baseline": result.baseline, "final": result.final, "seconds": result.seconds,
                    "counters": result.counters, "settings": [list(s) for s in result.settings],
                    "num_candidates": len(result.log)}
-        tmp = paths["summary"].with_name("search_summary.json.tmp")
-        tmp.write_text(json.dumps(summary, indent=2), encoding="utf-8")
-        os.replace(tmp, paths["summary"])
+        atomic_write_text(paths["summary"], json.dumps(summary, indent=2))
     return paths

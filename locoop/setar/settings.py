@@ -20,6 +20,8 @@ from typing import Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from torch import nn
 
+from locoop.engine.fileio import atomic_write_text
+
 from .lowrank import TOWERS, WEIGHT_TYPES, LowRankEditor, check_ratio, get_linear, n_removed
 
 __all__ = ["Setting", "validate_settings", "load_settings", "save_settings", "apply_settings", "nonzero"]
@@ -111,14 +113,8 @@ def load_settings(path: Union[str, os.PathLike], model: Optional[nn.Module] = No
 def save_settings(path: Union[str, os.PathLike], settings: Sequence[Sequence]) -> Path:
     """Write settings as JSON, one entry per line (atomic: temp file + rename)."""
     entries = validate_settings(settings)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     lines = ",\n".join("  " + json.dumps([t, w, l, r]) for t, w, l, r in entries)
-    text = "[\n" + lines + "\n]\n" if entries else "[]\n"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, "[\n" + lines + "\n]\n" if entries else "[]\n")
 
 
 def apply_settings(editor: LowRankEditor, settings: Iterable) -> List[Setting]:
