@@ -226,6 +226,26 @@ def prepare_run(cfg: Any, args: Optional[argparse.Namespace] = None) -> None:
         _print_args(args, cfg)
 
 
+def load_trainer_for_eval(cfg: Any, args: argparse.Namespace) -> tuple:
+    """Build the trainer without its training split, load ``--model-dir`` if given, and compute the
+    class text features: what ``eval`` and ``visualize`` score images against.
+
+    Returns:
+        ``(trainer, text_features [C, D])``, the trainer in eval mode.
+    """
+    import torch
+
+    from locoop.engine.registry import build_trainer
+
+    trainer = build_trainer(cfg, need_train=False)
+    if args.model_dir:
+        trainer.load_model(args.model_dir, epoch=args.load_epoch)
+    trainer.set_model_mode("eval")
+    with torch.no_grad():
+        text_features = trainer.text_features()
+    return trainer, text_features
+
+
 def write_run_info(cfg: Any, trainer: Any, extra: Optional[Dict[str, Any]] = None) -> str:
     """Write ``config.yaml`` and ``run_info.json`` (class-name and few-shot split hashes) into OUTPUT_DIR.
 

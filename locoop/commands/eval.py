@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import argparse
 
-from locoop.commands._common import (add_common_arguments, build_cfg, check_model_dir, check_trainer, prepare_run,
+from locoop.commands._common import (add_common_arguments, build_cfg, check_model_dir, check_trainer, load_trainer_for_eval,
+                                     prepare_run,
                                      read_run_info, run_command, trainer_needs_checkpoint)
 
 
@@ -40,17 +41,9 @@ def _run(args: argparse.Namespace) -> int:
         check_model_dir(args.model_dir, args.load_epoch)
     prepare_run(cfg, args)
 
-    import torch
-
-    from locoop.engine.registry import build_trainer
     from locoop.ood.runner import run_ood_benchmark
 
-    trainer = build_trainer(cfg, need_train=False)
-    if args.model_dir:
-        trainer.load_model(args.model_dir, epoch=args.load_epoch)
-    trainer.set_model_mode("eval")
-    with torch.no_grad():
-        text_features = trainer.text_features()
+    trainer, text_features = load_trainer_for_eval(cfg, args)
     meta = {"trainer": cfg.TRAINER.NAME, "model_dir": args.model_dir or None, "load_epoch": args.load_epoch}
     train_info = read_run_info(args.model_dir)
     if train_info:

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import argparse
 
-from locoop.commands._common import (add_common_arguments, build_cfg, check_model_dir, check_trainer, prepare_run,
+from locoop.commands._common import (add_common_arguments, build_cfg, check_model_dir, check_trainer, load_trainer_for_eval,
+                                     prepare_run,
                                      run_command, trainer_needs_checkpoint)
 
 
@@ -37,17 +38,9 @@ def _run(args: argparse.Namespace) -> int:
         check_model_dir(args.model_dir, args.load_epoch)
     prepare_run(cfg, args)
 
-    import torch
-
     from locoop.data import build_transform
-    from locoop.engine.registry import build_trainer
 
-    trainer = build_trainer(cfg, need_train=False)
-    if args.model_dir:
-        trainer.load_model(args.model_dir, epoch=args.load_epoch)
-    trainer.set_model_mode("eval")
-    with torch.no_grad():
-        text_features = trainer.text_features()
+    trainer, text_features = load_trainer_for_eval(cfg, args)
     num_classes = int(text_features.shape[0])
     if args.label >= num_classes:
         raise ValueError(f"--label {args.label} is outside [0, {num_classes}): the dataset has {num_classes} classes")
