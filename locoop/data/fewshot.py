@@ -241,3 +241,17 @@ def subsample_classes(*data_sources: Sequence[Datum], subsample: str = "all",
     relabel = {lab: i for i, lab in enumerate(selected)}
     return [[Datum(d.impath, relabel[d.label], d.classname, d.domain) for d in ds if d.label in relabel]
             for ds in data_sources]
+
+
+def subsample_dataset(train_x: Sequence[Datum], val: Sequence[Datum], test: Sequence[Datum], num_classes: int,
+                      subsample: str = "all") -> tuple:
+    """CoOp's base/new class split applied to the three splits of a dataset.
+
+    Returns:
+        ``(train_x, val, test, kept)``: the splits relabelled from 0, and the original labels kept
+        (in their new order), e.g. to select the class names.
+    """
+    kept = select_subsample_labels(range(num_classes), subsample)
+    if subsample != "all":
+        train_x, val, test = subsample_classes(train_x, val, test, subsample=subsample, num_classes=num_classes)
+    return train_x, val, test, kept

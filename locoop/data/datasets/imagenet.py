@@ -21,7 +21,7 @@ from typing import Sequence
 from ...engine.registry import DATASET_REGISTRY
 from ..classnames import ClassNames, compare_keys, resolve_imagenet_classnames
 from ..datum import DatasetBase, Datum
-from ..fewshot import load_or_create_fewshot, select_subsample_labels, subsample_classes
+from ..fewshot import load_or_create_fewshot, select_subsample_labels, subsample_dataset
 from ..image_io import list_images
 from .valsplit import load_val_split
 
@@ -167,12 +167,8 @@ class ImageNet(DatasetBase):
         else:
             val = test
 
-        names = classes.names
-        kept = list(range(len(names)))
-        if subsample != "all":
-            kept = select_subsample_labels(kept, subsample)
-            train_x, val, test = subsample_classes(train_x, val, test, subsample=subsample, num_classes=len(names))
-            names = [names[i] for i in kept]
+        train_x, val, test, kept = subsample_dataset(train_x, val, test, len(classes.names), subsample)
+        names = [classes.names[i] for i in kept]
 
         super().__init__(train_x=train_x, val=val, test=test, classnames=names)
         self.classnames_file = classes.source

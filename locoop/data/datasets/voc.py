@@ -22,7 +22,7 @@ import os
 from ...engine.registry import DATASET_REGISTRY
 from ..classnames import compare_keys, resolve_voc_classnames
 from ..datum import DatasetBase
-from ..fewshot import load_or_create_fewshot, select_subsample_labels, subsample_classes
+from ..fewshot import load_or_create_fewshot, select_subsample_labels, subsample_dataset
 from .imagenet import drop_overlap, few, list_class_folders, read_class_folders, relabel_cached
 from .valsplit import load_val_split
 
@@ -118,12 +118,8 @@ class PascalVOC(DatasetBase):
         else:
             val = test
 
-        names = classes.names
-        kept = list(range(len(names)))
-        if subsample != "all":
-            kept = select_subsample_labels(kept, subsample)
-            train_x, val, test = subsample_classes(train_x, val, test, subsample=subsample, num_classes=len(names))
-            names = [names[i] for i in kept]
+        train_x, val, test, kept = subsample_dataset(train_x, val, test, len(classes.names), subsample)
+        names = [classes.names[i] for i in kept]
         super().__init__(train_x=train_x, val=val, test=test, classnames=names)
         self.classnames_file, self.classnames_hash = classes.source, classes.sha256
         self.split_file, self.split_hash = split_file, split_hash
