@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from locoop.engine.registry import TRAINER_REGISTRY
-from locoop.engine.trainer import TrainerX
+from locoop.trainers.base import PromptTrainer
 
 from .adapters import (AdapterSet, add_lora_adapters, add_setar_adapters, adapters_from_meta,
                        base_weights_sha256)
@@ -59,7 +59,7 @@ def _accuracy(logits: Tensor, labels: Tensor) -> float:
     return (logits.argmax(dim=-1) == labels).float().mean().item() * 100.0
 
 
-class AdapterTrainer(TrainerX):
+class AdapterTrainer(PromptTrainer):
     """Shared machinery of :class:`SeTARFT` and :class:`LoRA` (``adapter_kind`` selects the adapters)."""
 
     adapter_kind: str = ""
@@ -153,7 +153,6 @@ class AdapterTrainer(TrainerX):
         self.tokens = clip.tokenize([self.template.format(n) for n in names],
                                     context_length=int(clip_model.context_length)).to(self.device)
         self._fixed_text: Optional[Tensor] = None
-        self._eval_text_features: Optional[Tensor] = None
 
         self.adapters = AdapterSet()
         self._build_adapters()
@@ -299,14 +298,6 @@ class AdapterTrainer(TrainerX):
         self.close_writer()
 
     # ------------------------------------------------------------------ evaluation / loading
-    @torch.no_grad()
-    def test(self, split: Optional[str] = None) -> float:
-        self._eval_text_features = self.text_features()
-        try:
-            return super().test(split)
-        finally:
-            self._eval_text_features = None
-
     def model_inference(self, input: Tensor) -> Tensor:
         text = self._eval_text_features if self._eval_text_features is not None else self.text_features()
         with self.autocast():

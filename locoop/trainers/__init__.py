@@ -4,6 +4,7 @@ Reusable pieces: :func:`locoop_loss` / :func:`select_ood_patches` (loss.py), :cl
 and :func:`zero_shot_text_features` (prompt_learner.py), :class:`TextEncoder` with the exact
 shared-prefix encoder (text_encoder.py), :func:`load_clip` (clip_backbone.py).
 """
+from .base import PromptTrainer
 from .clip_backbone import load_clip, load_clip_to_cpu, resolve_precision
 from .locoop import CoOp, CustomCLIP, LoCoOp
 from .loss import entropy, locoop_loss, ood_entropy_loss, select_ood_patches
@@ -12,7 +13,7 @@ from .text_encoder import TextEncoder, encode_text_naive, encode_text_shared_pre
 from .zsclip import ZeroshotCLIP
 
 __all__ = [
-    "CoOp", "CustomCLIP", "LoCoOp", "PromptLearner", "TextEncoder", "ZeroshotCLIP", "encode_text_naive",
+    "CoOp", "CustomCLIP", "LoCoOp", "PromptLearner", "PromptTrainer", "TextEncoder", "ZeroshotCLIP", "encode_text_naive",
     "encode_text_shared_prefix", "encode_text_truncated", "entropy", "load_clip", "load_clip_to_cpu",
     "locoop_loss", "ood_entropy_loss", "resolve_precision", "select_ood_patches", "zero_shot_text_features",
 ]

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from locoop.engine.registry import TRAINER_REGISTRY
-from locoop.engine.trainer import TrainerX
 
+from .base import PromptTrainer
 from .clip_backbone import PRECISIONS, load_clip
 from .loss import locoop_loss
 from .prompt_learner import CLASS_TOKEN_POSITIONS, PromptLearner
@@ -103,7 +103,7 @@ class CustomCLIP(nn.Module):
 
 
 @TRAINER_REGISTRY.register("LoCoOp")
-class LoCoOp(TrainerX):
+class LoCoOp(PromptTrainer):
     """Local regularised context optimisation (LoCoOp, NeurIPS 2023).
 
     Loss ``CE(global logits, y) + TRAINER.LOCOOP.LAMBDA * L_ood`` with ``L_ood`` the negative mean
@@ -172,7 +172,6 @@ class LoCoOp(TrainerX):
         self.sched = build_lr_scheduler(self.optim, cfg.OPTIM)
         self.register_model("prompt_learner", self.model.prompt_learner, self.optim, self.sched)
         self.init_amp_scaler(self.precision == "amp")
-        self._eval_text_features: Optional[Tensor] = None
 
     def load_pretrained_prompt(self, path: str) -> None:
         """Initialise the prompt learner from a checkpoint file (``MODEL.INIT_WEIGHTS``)."""
@@ -212,15 +211,6 @@ class LoCoOp(TrainerX):
         """Normalised text features ``[C, D]`` of the learned prompts (no gradient)."""
         with self.autocast():
             return self.model.text_features()
-
-    @torch.no_grad()
-    def test(self, split: Optional[str] = None) -> float:
-        # Text features do not depend on the image: compute them once for the whole pass.
-        self._eval_text_features = self.text_features()
-        try:
-            return super().test(split)
-        finally:
-            self._eval_text_features = None
 
     def model_inference(self, input: Tensor) -> Tensor:
         """Global logits ``[B, C]``."""

@@ -1,0 +1,30 @@
+"""Base class of trainers that classify with the text features of class prompts."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from locoop.engine.trainer import TrainerX
+
+
+class PromptTrainer(TrainerX):
+    """A trainer whose classifier is ``text_features()`` (normalised ``[C, D]``).
+
+    The text features do not depend on the images, so a test pass computes them once and
+    ``model_inference`` reads them from ``self._eval_text_features`` instead of once per batch.
+    """
+
+    _eval_text_features: Optional[Tensor] = None
+
+    def text_features(self) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement text_features()")
+
+    @torch.no_grad()
+    def test(self, split: Optional[str] = None) -> float:
+        self._eval_text_features = self.text_features()
+        try:
+            return super().test(split)
+        finally:
+            self._eval_text_features = None
