@@ -1,0 +1,1 @@
+"""Backbones and heads beyond CLIP (each module imports its own heavy dependencies lazily)."""
