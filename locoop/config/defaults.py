@@ -92,6 +92,9 @@ def _add_dataset(c: CN) -> None:
     c.DATASET.SUBSAMPLE_CLASSES = "all"  # [ext, CoOp] all, base or new
     c.DATASET.STRICT = False  # [ext] False: skip corrupt images with a warning; True: fail on them
     c.DATASET.VAL_SPLIT_FILE = ""  # [ext] "" or JSON {wnid: [file names]} defining the validation split
+    # [ext] order of each class's training files before few-shot sampling: listdir (os.listdir, as CoOp/LoCoOp:
+    # their split for the same seed on the same copy of the data) or sorted (by name: the same split on any copy)
+    c.DATASET.FEWSHOT_FILE_ORDER = "listdir"
 
 
 def _add_dataloader(c: CN) -> None:
