@@ -225,6 +225,13 @@ def test_papers_checkpoint_is_not_resumed(tmp_path, data_root, tiny_vit_path, da
                       "--config-file", METHOD_CFG, "--output-dir", run, "--seed", 1, "MODEL.BACKBONE.NAME",
                       tiny_vit_path, "DATASET.NUM_SHOTS", 2, "OPTIM.MAX_EPOCH", 51] + SMALL, capsys)
     assert rc == 2 and "not resumed" in err and "MODEL.INIT_WEIGHTS" in err
+    init = str(run / "prompt_learner" / "model.pth.tar-50")
+    rc, out, err = cli(["train", "--root", root, "--trainer", "LoCoOp", "--dataset-config-file", DS_CFG,
+                        "--config-file", METHOD_CFG, "--output-dir", tmp_path / "new_run", "--seed", 1, "--no-train",
+                        "MODEL.BACKBONE.NAME", tiny_vit_path, "DATASET.NUM_SHOTS", 2, "MODEL.INIT_WEIGHTS", init]
+                       + SMALL, capsys)
+    assert rc == 0, err
+    assert f"Initialised the prompt learner from {init}" in out
 
 
 def test_train_uses_the_papers_split_pickle(tmp_path, tiny_vit_path, capsys, monkeypatch):
