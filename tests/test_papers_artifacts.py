@@ -134,6 +134,10 @@ def test_dassl_checkpoint_loads_with_inert_scheduler_objects(tmp_path, data_root
     assert isinstance(successor, ForeignObject) and successor.source_class.endswith("CosineAnnealingLR")
     assert successor["T_max"] == 50.0 and successor["optimizer"].source_class == "torch.optim.sgd.SGD"
     assert ckpt["optimizer"]["state"][0]["momentum_buffer"].shape == (4, state["state_dict"]["ctx"].shape[1])
+    torch.save(state, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)  # torch < 1.6's format
+    legacy = load_checkpoint(str(tmp_path / "legacy.pth"))
+    assert torch.equal(legacy["state_dict"]["ctx"], state["state_dict"]["ctx"])
+    assert legacy["scheduler"]["successor"]["T_max"] == 50.0
     with pytest.raises(TypeError):  # a stand-in never goes into one of our checkpoints
         save_checkpoint({"state_dict": {}, "epoch": 1, "scheduler": ckpt["scheduler"]}, str(tmp_path / "ours"))
 
