@@ -138,3 +138,82 @@ def test_zero_shot_text_features(model):
     assert torch.allclose(two, ref2, atol=1e-6)
     with pytest.raises(ValueError, match="template"):
         zero_shot_text_features(model, NAMES, template="a photo")
+
+
+# ---------------------------------------------------------------------------- the papers' initial context
+def _openai_clip_construction(c):
+    """What building OpenAI's CLIP module (clip.model.build_model) does to the CPU generator, written with
+    torch.nn modules in its constructor's order, then its initialize_parameters() draws."""
+    from torch import nn
+
+    def block(d):
+        return [nn.MultiheadAttention(d, max(1, d // 64)), nn.LayerNorm(d), nn.Linear(d, 4 * d), nn.Linear(4 * d, d)]
+
+    text_blocks = []
+    if isinstance(c.vision_layers, tuple):
+        w = c.vision_width
+        stem = [nn.Conv2d(3, w // 2, 3, bias=False), nn.Conv2d(w // 2, w // 2, 3, bias=False),
+                nn.Conv2d(w // 2, w, 3, bias=False)]
+        inplanes, stages = w, []
+        for k, blocks in enumerate(c.vision_layers):
+            planes = w * 2 ** k
+            for b in range(blocks):
+                stride = 2 if (k > 0 and b == 0) else 1
+                convs = [nn.Conv2d(inplanes, planes, 1, bias=False), nn.Conv2d(planes, planes, 3, bias=False),
+                         nn.Conv2d(planes, 4 * planes, 1, bias=False)]
+                if stride > 1 or inplanes != 4 * planes:
+                    convs.append(nn.Conv2d(inplanes, 4 * planes, 1, bias=False))
+                stages.append(convs)
+                inplanes = 4 * planes
+        e = w * 32
+        pool_pos = torch.randn((c.image_resolution // 32) ** 2 + 1, e)
+        k_proj, q_proj, v_proj, c_proj = (nn.Linear(e, e), nn.Linear(e, e), nn.Linear(e, e), nn.Linear(e, c.embed_dim))
+        del stem, stages, pool_pos
+    else:
+        w = c.vision_width
+        nn.Conv2d(3, w, c.vision_patch_size, stride=c.vision_patch_size, bias=False)
+        torch.randn(w), torch.randn((c.image_resolution // c.vision_patch_size) ** 2 + 1, w)
+        [block(w) for _ in range(c.vision_layers)]
+        torch.randn(w, c.embed_dim)
+    text_blocks = [block(c.transformer_width) for _ in range(c.transformer_layers)]
+    token_embedding = nn.Embedding(c.vocab_size, c.transformer_width)
+    positional = torch.empty(c.context_length, c.transformer_width)
+    text_projection = torch.empty(c.transformer_width, c.embed_dim)
+    nn.init.normal_(token_embedding.weight, std=0.02)
+    nn.init.normal_(positional, std=0.01)
+    if isinstance(c.vision_layers, tuple):
+        for lin in (q_proj, k_proj, v_proj, c_proj):
+            nn.init.normal_(lin.weight, std=0.1)
+    for attn, _, fc, proj in text_blocks:
+        for t in (attn.in_proj_weight, attn.out_proj.weight, fc.weight, proj.weight):
+            nn.init.normal_(t, std=0.02)
+    nn.init.normal_(text_projection, std=0.02)
+
+
+@pytest.mark.parametrize("arch", ["tiny-vit", "tiny-rn"])
+@pytest.mark.parametrize("csc,half", [(False, False), (True, False), (False, True)])
+def test_random_context_is_the_papers_draw_for_the_seed(arch, csc, half):
+    from clip.configs import get_config
+    from clip.model import build_model, convert_weights_fp16
+    from clip.tiny import random_state_dict
+
+    c = get_config(arch)
+    ours = build_model(random_state_dict(c, seed=3)).eval()
+    if half:
+        convert_weights_fp16(ours)
+    dtype = torch.float16 if half else torch.float32
+    torch.manual_seed(11)  # what set_random_seed(11) does to torch before the model is built
+    ours_again = build_model(random_state_dict(c, seed=3))  # our CLIP draws differently from OpenAI's module
+    del ours_again
+    pl = PromptLearner(NAMES, ours, n_ctx=4, csc=csc)
+    torch.manual_seed(11)
+    _openai_clip_construction(c)
+    expected = torch.empty((3, 4, c.transformer_width) if csc else (4, c.transformer_width), dtype=dtype)
+    torch.nn.init.normal_(expected, std=0.02)
+    assert pl.ctx.dtype == dtype
+    assert torch.equal(pl.ctx.detach(), expected)
+    # Another seed, another context; the global generator draws something else.
+    assert not torch.equal(PromptLearner(NAMES, ours, n_ctx=4, csc=csc, init_seed=12).ctx.detach(), expected)
+    assert not torch.equal(PromptLearner(NAMES, ours, n_ctx=4, csc=csc, init_rng="global").ctx.detach(), expected)
+    with pytest.raises(ValueError, match="init_rng"):
+        PromptLearner(NAMES, ours, n_ctx=4, init_rng="numpy")

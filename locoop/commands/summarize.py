@@ -1,7 +1,9 @@
-"""``python -m locoop summarize RUN_DIR [RUN_DIR ...] [--glob PATTERN] [--output DIR]``.
+"""``python -m locoop summarize RUN_DIR [RUN_DIR ...] [--glob PATTERN] [--output DIR] [--paper ROW]``.
 
 Averages several runs' ``ood_results.json`` (mean and population std by default) and
-writes ``summary.md`` / ``summary.json``; prints the tables.
+writes ``summary.md`` / ``summary.json``; prints the tables. ``--paper ROW`` puts the runs' mean
+next to a published result (``locoop/data/paper_results.json``) with the difference, in the printed
+table and in both files; ``--paper list`` lists the rows.
 """
 from __future__ import annotations
 
@@ -21,13 +23,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where summary.md / summary.json go (default: the runs' common parent folder)")
     parser.add_argument("--sample-std", action="store_true",
                         help="sample standard deviation (ddof=1) instead of population (ddof=0)")
+    parser.add_argument("--paper", default=None, metavar="ROW",
+                        help="compare with a published result row, e.g. setar-gl-imagenet ('list' lists them)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Summarise the runs; returns 0, or 2 with a message on bad input."""
-    from locoop.ood.summarize import find_result_files, format_summary_table, summarize_runs
+    from locoop.ood.summarize import (find_result_files, format_paper_list, get_paper_row, format_summary_table,
+                                      summarize_runs)
 
+    paper = getattr(args, "paper", None)
+    if paper == "list":
+        print(format_paper_list())
+        return 0
     try:
+        if paper:
+            get_paper_row(paper)  # an unknown row fails before any file is read
         files = find_result_files(args.runs, args.pattern)
         if not files:
             print("summarize: give RUN_DIR arguments or --glob PATTERN", file=sys.stderr)
@@ -36,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         if output is None:
             # Run folders are typically .../seed1, .../seed2: the summary goes next to them.
             output = os.path.commonpath([str(f.resolve().parent.parent) for f in files])
-        summary = summarize_runs(files, output_dir=Path(output), ddof=1 if args.sample_std else 0)
+        summary = summarize_runs(files, output_dir=Path(output), ddof=1 if args.sample_std else 0, paper=paper)
     except (OSError, ValueError) as e:
         print(f"summarize: {e}", file=sys.stderr)
         return 2

@@ -7,8 +7,10 @@ semi-supervised learning (MCD, DAEL, FixMatch, ...) are not included: no method 
 Extensions beyond Dassl (each marked ``[ext]`` below):
 
 - ``MODEL.DEVICE``, ``TRAIN.DETERMINISTIC``, ``TRAIN.USE_TENSORBOARD``
-- ``DATASET.SUBSAMPLE_CLASSES`` (CoOp), ``DATASET.STRICT``, ``DATASET.VAL_SPLIT_FILE``
+- ``DATASET.SUBSAMPLE_CLASSES`` (CoOp), ``DATASET.STRICT``, ``DATASET.VAL_SPLIT_FILE``,
+  ``DATASET.FEWSHOT_FILE_ORDER``
 - ``TRAINER.LOCOOP.*`` (CoOp's keys plus LAMBDA / TOPK, which the LoCoOp code passed as globals)
+- ``TRAINER.ZSCLIP.PROMPT_TEMPLATE`` (zero-shot CLIP's class prompt)
 - ``OOD.*`` (OOD benchmark evaluation) and ``SETAR.*`` (SeTAR search and fine-tuning)
 
 To add keys, extend the matching ``_add_*`` function; every key needs a default of the type users
@@ -92,6 +94,9 @@ def _add_dataset(c: CN) -> None:
     c.DATASET.SUBSAMPLE_CLASSES = "all"  # [ext, CoOp] all, base or new
     c.DATASET.STRICT = False  # [ext] False: skip corrupt images with a warning; True: fail on them
     c.DATASET.VAL_SPLIT_FILE = ""  # [ext] "" or JSON {wnid: [file names]} defining the validation split
+    # [ext] order of each class's training files before few-shot sampling: listdir (os.listdir, as CoOp/LoCoOp:
+    # their split for the same seed on the same copy of the data) or sorted (by name: the same split on any copy)
+    c.DATASET.FEWSHOT_FILE_ORDER = "listdir"
 
 
 def _add_dataloader(c: CN) -> None:
@@ -186,6 +191,11 @@ def _add_trainer(c: CN) -> None:
     c.TRAINER.LOCOOP.LAMBDA = 0.25  # weight of the local OOD regularisation (paper's --lambda_value)
     c.TRAINER.LOCOOP.TOPK = 200  # a patch is OOD if its label is not in its top-K classes (paper's --topk)
 
+    # [ext] zero-shot CLIP (trainer ZeroshotCLIP)
+    c.TRAINER.ZSCLIP = CN()
+    # class prompt, "{}" = class name: CoOp's ZeroshotCLIP ImageNet template; MCM / GL-MCM use "a photo of a {}"
+    c.TRAINER.ZSCLIP.PROMPT_TEMPLATE = "a photo of a {}."
+
 
 def _add_ood(c: CN) -> None:
     # [ext] OOD benchmark evaluation
@@ -193,6 +203,7 @@ def _add_ood(c: CN) -> None:
     c.OOD.DATASETS = ["iNaturalist", "SUN", "Places", "Texture"]  # OOD sets under DATASET.ROOT
     c.OOD.SCORES = ["MCM", "GL-MCM", "L-MCM", "energy", "max-logit", "entropy", "variance"]  # scores to report
     c.OOD.T = 1.0  # softmax temperature on cosine similarities (MCM's T)
+    c.OOD.LAMBDA_LOCAL = 1.0  # GL-MCM = MCM + LAMBDA_LOCAL * L-MCM (GL-MCM's --lambda_local; its ImageNet script: 0.5)
     c.OOD.FPR_CONVENTION = "mcm"  # mcm (ID positive, TPR closest to 0.95) or openood (OOD positive)
     c.OOD.PLOT = True  # write score-distribution histograms
     c.OOD.CACHE_DIR = ""  # image-feature cache folder ("" = $LOCOOP_FEATURE_CACHE, else ~/.cache/locoop/features)

@@ -1,12 +1,21 @@
 """Few-shot sampling (K images per class for a seed), the split cache, and base/new class subsets.
 
+Sampling is Dassl's ``generate_fewshot_dataset`` as CoOp / LoCoOp run it: the items are grouped by label
+in the order the labels first appear in the listing (Dassl's ``split_dataset_by_label``), and each class
+with at least K items gets ``random.sample(items, K)`` from Python's ``random`` seeded with the run's seed
+(a class with fewer keeps all of its items and draws nothing). The papers seed ``random`` with
+``set_random_seed(SEED)`` and build the dataset before anything else draws from it, so a private
+``random.Random(SEED)`` gives the same images, in the same order, for the same listing.
+
 Cache file: ``<dataset_dir>/split_fewshot/shot_<K>-seed_<seed>.pkl`` (CoOp's name and place).
 
 Format and safety: CoOp pickles Dassl ``Datum`` objects, and unpickling runs arbitrary code. Our
 file keeps CoOp's name but holds only plain Python data written with ``torch.save`` (a dict of
-lists of str/int) and is read with ``torch.load(weights_only=True)``, which refuses anything but
-plain data; a CoOp pickle found at that path is therefore rejected with a message, never executed.
-Image paths are stored relative to the dataset folder with ``/`` separators, so the cache keeps
+lists of str/int) and is read with ``torch.load(weights_only=True)``. A file written by CoOp / LoCoOp
+(a plain pickle of ``{"train": [Datum, ...], "val": [...]}``) is read with the restricted unpickler of
+:mod:`locoop.engine.safe_load`, which accepts only Dassl ``Datum`` records in plain containers and never
+executes anything; its absolute image paths are re-rooted under the current dataset folder.
+Our image paths are stored relative to the dataset folder with ``/`` separators, so the cache keeps
 working after the dataset folder is moved or mounted elsewhere. Writes go to a temporary file in
 the same folder followed by ``os.replace``, so a killed run never leaves half a file behind.
 """
@@ -15,9 +24,9 @@ from __future__ import annotations
 import math
 import os
 import random
+import re
 import tempfile
 import warnings
-from collections import defaultdict
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -33,11 +42,12 @@ class FewShotWarning(UserWarning):
 
 
 def split_by_label(data_source: Sequence[Datum]) -> dict:
-    """Group items by label (labels in ascending order, items in their original order)."""
-    groups: dict = defaultdict(list)
+    """Group items by label as Dassl's ``split_dataset_by_label``: labels in the order they first appear,
+    items in their original order."""
+    groups: dict = {}
     for d in data_source:
-        groups[d.label].append(d)
-    return {lab: groups[lab] for lab in sorted(groups)}
+        groups.setdefault(d.label, []).append(d)
+    return groups
 
 
 def check_fewshot_feasible(class_sizes: dict, num_shots: int, what: str = "the training set") -> list:
@@ -70,12 +80,12 @@ def check_fewshot_feasible(class_sizes: dict, num_shots: int, what: str = "the t
 
 def generate_fewshot_dataset(data_source: Sequence[Datum], num_shots: int, seed: int,
                              warn: bool = True) -> list:
-    """Draw ``num_shots`` items per class, deterministically for ``seed``.
+    """Draw ``num_shots`` items per class exactly as Dassl does for ``seed`` (see the module docstring).
 
-    Items of each class are sorted by path first, so the result depends only on the set of
-    files, the shots and the seed, not on listing order or the global random state. A class
-    with fewer than K images contributes all of them (with a :class:`FewShotWarning` naming the
-    classes). ``num_shots < 1`` returns the data unchanged.
+    The result depends on the order of ``data_source`` (as in the papers' code): list the images as the
+    papers do to get their split. A class with fewer than K images contributes all of them, with a
+    :class:`FewShotWarning` naming the classes. ``num_shots < 1`` returns the data unchanged; ``seed < 0``
+    (not seeded, as the papers' ``SEED -1``) draws from fresh entropy.
 
     Raises:
         ValueError: ``num_shots`` is larger than every class.
@@ -90,11 +100,11 @@ def generate_fewshot_dataset(data_source: Sequence[Datum], num_shots: int, seed:
         more = f", ... ({len(short)} classes in all)" if len(short) > 10 else ""
         warnings.warn(f"{len(short)} classes have fewer than NUM_SHOTS={num_shots} images; all of their "
                       f"images are used: {shown}{more}", FewShotWarning, stacklevel=2)
-    rng = random.Random(f"fewshot:{num_shots}:{seed}")
+    # random.seed(seed) right after seeding, as Dassl's set_random_seed leaves it for the sampling.
+    rng = random.Random(int(seed)) if int(seed) >= 0 else random.Random()
     out = []
-    for _, items in groups.items():
-        items = sorted(items, key=lambda d: d.impath)
-        out.extend(items if len(items) <= num_shots else rng.sample(items, num_shots))
+    for items in groups.values():
+        out.extend(rng.sample(items, num_shots) if len(items) >= num_shots else list(items))
     return out
 
 
@@ -136,30 +146,87 @@ def save_fewshot_split(path: str, dataset_dir: str, train: Sequence[Datum], val:
         raise
 
 
+DASSL_SPLIT_CONTENTS = "Dassl Datum records in plain lists and dicts"
+
+
+def _reroot(stored: str, dataset_dir: str, prefix: Optional[list]) -> tuple:
+    """``(path under dataset_dir, number of leading components dropped)`` for a path stored elsewhere, or
+    ``(None, None)``. The longest tail of ``stored`` that exists under ``dataset_dir`` wins."""
+    parts = [p for p in re.split(r"[\\/]+", stored) if p and p != "."]
+    if prefix is not None and parts[:len(prefix)] == prefix:
+        candidate = os.path.join(dataset_dir, *parts[len(prefix):])
+        if os.path.isfile(candidate):
+            return candidate, len(prefix)
+    for i in range(len(parts)):
+        candidate = os.path.join(dataset_dir, *parts[i:])
+        if os.path.isfile(candidate):
+            return candidate, i
+    return None, None
+
+
+def _dassl_items(path: str, records: Optional[list], base: str, what: str) -> tuple:
+    """Our Datum items for a list of Dassl Datum records, re-rooted under ``base``; and the old root."""
+    from locoop.engine.safe_load import DasslDatum
+
+    if records is None:
+        return None, None
+    if not isinstance(records, list) or not all(isinstance(r, DasslDatum) for r in records):
+        raise ValueError(f"{path}: '{what}' is not a list of Dassl Datum objects; delete the file to regenerate it")
+    items, missing, prefix, old_root = [], [], None, None
+    for r in records:
+        stored = str(r.impath)
+        new, dropped = _reroot(stored, base, prefix)
+        if new is None:
+            missing.append(stored)
+            continue
+        if prefix is None:
+            prefix = [p for p in re.split(r"[\\/]+", stored) if p and p != "."][:dropped]
+            old_root = stored[: len(stored) - len(os.path.relpath(new, base))].rstrip("/\\") or "/"
+        items.append(Datum(new, int(r.label), str(r.classname), int(r.domain or 0)))
+    if missing:
+        raise ValueError(
+            f"the few-shot split {path} (written by CoOp/LoCoOp) lists {len(missing)} images that are not under "
+            f"{base} (first: {missing[0]}). Put the dataset there in the layout the split was made with, or "
+            "delete the file to draw a new split.")
+    return items, old_root
+
+
 def load_fewshot_split(path: str, dataset_dir: str) -> dict:
-    """Read a split written by :func:`save_fewshot_split`; paths become absolute under ``dataset_dir``.
+    """Read a split written by :func:`save_fewshot_split`, or by CoOp / LoCoOp (a pickle of Dassl ``Datum``).
+
+    Paths become absolute under ``dataset_dir`` (a CoOp / LoCoOp file's absolute paths are re-rooted there).
 
     Returns:
-        ``{"train": [Datum], "val": [Datum] or None, "meta": dict}``.
+        ``{"train": [Datum], "val": [Datum] or None, "meta": dict, "format": "locoop" or "dassl"}``; a Dassl
+        file also has ``"old_root"``, the folder its paths were re-rooted from.
 
     Raises:
-        ValueError: the file is not one of our split files (e.g. CoOp's pickle) or is damaged, or
-            an image it lists no longer exists.
+        ValueError: the file is neither format, holds other objects (named; never executed), is damaged, or
+            lists an image that does not exist.
     """
+    from locoop.engine.safe_load import SPLIT_ALLOWLIST, file_kind, load_foreign_file, restricted_pickle_load
+
+    base = os.path.abspath(dataset_dir)
+    if file_kind(path) == "pickle":  # CoOp / LoCoOp: pickle.dump of Dassl Datum objects
+        payload = load_foreign_file(path, "few-shot split", lambda p: restricted_pickle_load(p, SPLIT_ALLOWLIST),
+                                    DASSL_SPLIT_CONTENTS)
+        if not isinstance(payload, dict) or "train" not in payload:
+            raise ValueError(f"{path} is not a few-shot split written by this framework or by CoOp/LoCoOp: "
+                             f"expected a dict with 'train', found {type(payload).__name__}; delete it to regenerate")
+        train, old_root = _dassl_items(path, payload["train"], base, "train")
+        val, _ = _dassl_items(path, payload.get("val"), base, "val")
+        return {"train": train, "val": val, "meta": {}, "format": "dassl", "old_root": old_root}
     try:
         with warnings.catch_warnings():
-            # torch warns about the pickle protocol of foreign files; the error below says it all.
             warnings.simplefilter("ignore")
             payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises UnpicklingError/RuntimeError/EOFError/... for foreign files
+    except Exception as err:  # damaged, or a zip archive that is not one of ours
         raise ValueError(
-            f"{path} is not a few-shot split written by this framework ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}). It may be CoOp's pickle, which is never "
-            "unpickled here because that would run code from the file. Delete or move it, and the split "
-            "is regenerated (deterministically for the seed).") from None
+            f"{path} is not a few-shot split written by this framework, or it is damaged "
+            f"({type(err).__name__}). It is never unpickled with code: delete or move it, and the split is "
+            "regenerated (deterministically for the seed).") from None
     if not isinstance(payload, dict) or payload.get("format") != SPLIT_FORMAT:
         raise ValueError(f"{path} does not have the expected format {SPLIT_FORMAT!r}; delete it to regenerate")
-    base = os.path.abspath(dataset_dir)
 
     def rows_to_items(rows: Optional[list]) -> Optional[list]:
         if rows is None:
@@ -178,7 +245,7 @@ def load_fewshot_split(path: str, dataset_dir: str) -> dict:
         return items
 
     return {"train": rows_to_items(payload["train"]), "val": rows_to_items(payload.get("val")),
-            "meta": dict(payload.get("meta") or {})}
+            "meta": dict(payload.get("meta") or {}), "format": "locoop"}
 
 
 def load_or_create_fewshot(dataset_dir: str, num_shots: int, seed: int,
@@ -197,7 +264,12 @@ def load_or_create_fewshot(dataset_dir: str, num_shots: int, seed: int,
     path = fewshot_split_path(dataset_dir, num_shots, seed)
     created = False
     if os.path.isfile(path):
-        train = load_fewshot_split(path, dataset_dir)["train"]
+        split = load_fewshot_split(path, dataset_dir)
+        train = split["train"]
+        if split["format"] == "dassl":
+            print(f"Using the few-shot split written by CoOp/LoCoOp at {path} ({len(train)} Dassl Datum records, "
+                  f"read without executing code; image paths re-rooted from {split['old_root']} to "
+                  f"{os.path.abspath(dataset_dir)})")
     else:
         train = generate_fewshot_dataset(make_source(), num_shots, seed)
         save_fewshot_split(path, dataset_dir, train, meta={"num_shots": num_shots, "seed": seed})

@@ -7,13 +7,19 @@ A checkpoint is a dict holding only tensors and plain Python values (dict, list,
 float, bool, None) so that ``torch.load(weights_only=True)`` reads it: ``state_dict``, ``epoch``
 (the number of finished epochs = the epoch to start from), ``optimizer``, ``scheduler``,
 ``rng_states``, ``trainer`` (the trainer's name), ``val_result`` and ``format_version``.
+
+Loading also accepts the checkpoints written by the papers' training code (Dassl's ``save_checkpoint``:
+``{state_dict, epoch, optimizer, scheduler, val_result}``, no ``trainer`` / ``format_version``). Their
+scheduler state holds real optimiser / scheduler objects, which ``weights_only=True`` refuses; such a file
+is read by :mod:`locoop.engine.safe_load`'s restricted unpickler, which turns those objects into inert
+dicts and refuses anything else (never executing it). They can be evaluated and used as initial weights,
+not resumed.
 """
 from __future__ import annotations
 
 import collections
 import glob
 import os
-import pickle
 import re
 import shutil
 import tempfile
@@ -22,6 +28,7 @@ from typing import Any, Iterable, Optional
 
 import torch
 
+from .safe_load import CHECKPOINT_ALLOWLIST, load_foreign_file, restricted_torch_load
 from .seed import set_rng_states
 
 __all__ = [
@@ -32,6 +39,8 @@ __all__ = [
     "resume_from_checkpoint",
     "check_trainer",
     "check_weights_only_safe",
+    "is_dassl_checkpoint",
+    "DASSL_CHECKPOINT_CONTENTS",
 ]
 
 FORMAT_VERSION = 1
@@ -162,37 +171,51 @@ def save_checkpoint(state: dict, save_dir: str, is_best: bool = False, model_nam
     return fpath
 
 
+DASSL_CHECKPOINT_CONTENTS = ("tensors, plain containers and the state of the torch / Dassl optimisers and "
+                             "learning-rate schedulers, as the papers' Dassl training writes them")
+
+
+def _load_papers_checkpoint(fpath: str, map_location: Any) -> Any:
+    return load_foreign_file(
+        fpath, "checkpoint",
+        lambda p: restricted_torch_load(p, CHECKPOINT_ALLOWLIST, map_location=map_location),
+        DASSL_CHECKPOINT_CONTENTS, torch_file=True)
+
+
 def load_checkpoint(fpath: str, map_location: Any = "cpu") -> dict:
-    """Load a checkpoint with ``torch.load(weights_only=True)``.
+    """Load one of our checkpoints, or one written by the papers' Dassl training, without running pickled code.
+
+    Our files are read with ``torch.load(weights_only=True)``. A file that it refuses is read again by the
+    restricted unpickler of :mod:`locoop.engine.safe_load` (tensors, plain containers, and the torch / Dassl
+    optimiser and scheduler classes as inert dicts), which is what Dassl's ``save_checkpoint`` writes.
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: damaged file, or a pickle that is not a checkpoint of this framework (such a file
-            is never executed).
+        ValueError: a file holding any other object (the message names it; it is never executed), a damaged
+            file (truncated, not a zip archive or pickle), or a pickle that is not a checkpoint.
     """
     if not fpath:
         raise ValueError("Checkpoint path is empty.")
     if not os.path.isfile(fpath):
         raise FileNotFoundError(f"No checkpoint at '{fpath}'.")
     try:
-        ckpt = torch.load(fpath, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, ImportError,
-            TypeError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(
-            f"'{fpath}' is not a checkpoint written by this framework, or it is damaged ({type(e).__name__}: "
-            f"{first}). Our checkpoints hold only tensors and plain values and load with weights_only=True; "
-            f"other pickles are refused, never executed. If it comes from the original Dassl/CoOp/LoCoOp code "
-            f"and you trust it, re-save just its weights there: "
-            f"torch.save({{'state_dict': ckpt['state_dict'], 'epoch': ckpt['epoch']}}, new_path)."
-        ) from e
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's warnings about foreign files; the fallback below decides
+            ckpt = torch.load(fpath, map_location=map_location, weights_only=True)
+    except Exception:  # refused global, damaged file, ...: the restricted load below classifies it exactly
+        ckpt = _load_papers_checkpoint(fpath, map_location)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise ValueError(
-            f"'{fpath}' is not a checkpoint written by this framework: expected a dict with a 'state_dict' "
-            f"entry, found {type(ckpt).__name__}"
+            f"'{fpath}' is not a checkpoint: expected a dict with a 'state_dict' entry (as this framework and "
+            f"Dassl write them), found {type(ckpt).__name__}"
             + (f" with keys {sorted(map(str, ckpt))[:8]}" if isinstance(ckpt, dict) else "") + "."
         )
     return ckpt
+
+
+def is_dassl_checkpoint(ckpt: dict) -> bool:
+    """True for a checkpoint written by Dassl's ``save_checkpoint`` (the papers' training), not by this framework."""
+    return isinstance(ckpt, dict) and "state_dict" in ckpt and "format_version" not in ckpt and "trainer" not in ckpt
 
 
 def latest_checkpoint(fdir: str) -> Optional[str]:
@@ -219,11 +242,16 @@ def check_trainer(ckpt: dict, accepted: Iterable[str], fpath: str) -> None:
     """Refuse a checkpoint saved by another trainer.
 
     Raises:
-        ValueError: naming both trainers. A checkpoint without a ``trainer`` entry (saved elsewhere)
-            is accepted with a warning.
+        ValueError: naming both trainers. A checkpoint of the papers' Dassl training (no ``trainer``
+            entry) is accepted with a note; one of ours without the entry with a warning.
     """
     accepted = list(accepted)
     saved = ckpt.get("trainer")
+    if saved is None and is_dassl_checkpoint(ckpt):
+        # The papers' CoOp / LoCoOp training (Dassl) records no trainer: its files are prompt learners.
+        print(f"'{fpath}' was written by the papers' Dassl training (epoch {ckpt.get('epoch')}); "
+              f"loading it as a {accepted[0]} checkpoint")
+        return
     if saved is None:
         warnings.warn(f"'{fpath}' does not record which trainer wrote it; loading it as {accepted[0]}.")
         return
@@ -251,6 +279,11 @@ def resume_from_checkpoint(fdir: str, model: torch.nn.Module, optimizer: Optiona
         raise FileNotFoundError(f"No 'model.pth.tar-<epoch>' checkpoint in '{fdir}' to resume from.")
     print(f"Loading checkpoint from '{fpath}'")
     ckpt = load_checkpoint(fpath)
+    if is_dassl_checkpoint(ckpt):
+        raise ValueError(
+            f"'{fpath}' was written by the papers' Dassl training; it can be evaluated (eval, visualize, "
+            f"setar-search --model-dir) or used as MODEL.INIT_WEIGHTS, but not resumed (it holds no RNG states "
+            f"and Dassl's scheduler objects). Train into another OUTPUT_DIR.")
     if trainer_names is not None:
         check_trainer(ckpt, trainer_names, fpath)
     model.load_state_dict(ckpt["state_dict"])

@@ -236,7 +236,7 @@ def run_ood_benchmark(cfg: Any, clip_model: torch.nn.Module, text_features: torc
         parts, preds, labels = {s: [] for s in scores}, [], []
         for batch in batches:
             batch_scores, batch_preds = score_features(batch, text_features, scores, T=T, logit_scale=logit_scale,
-                                                       device=device)
+                                                       lambda_local=float(cfg.OOD.LAMBDA_LOCAL), device=device)
             for s, v in batch_scores.items():
                 parts[s].append(v)
             preds.append(batch_preds)

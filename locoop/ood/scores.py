@@ -20,8 +20,9 @@ Definitions and where they come from (read, not copied):
 * ``L-MCM`` -- ``max_{p, c} softmax(local_cos_p / T)_c``: softmax over classes for every
   patch, then the maximum over patches and classes (GL-MCM repository
   AtsuMiyai/GL-MCM ``utils/detection_util.py`` and LoCoOp ``test_ood``).
-* ``GL-MCM`` -- ``MCM + lambda_local * L-MCM`` (GL-MCM's ``--lambda_local``; LoCoOp
-  uses a plain sum, i.e. ``lambda_local = 1``, our default).
+* ``GL-MCM`` -- ``MCM + lambda_local * L-MCM`` (GL-MCM's ``--lambda_local``, config key
+  ``OOD.LAMBDA_LOCAL``; LoCoOp and SeTAR use a plain sum, i.e. ``lambda_local = 1``, our default and
+  GL-MCM's argparse default; GL-MCM's ImageNet script passes 0.5).
 * ``energy`` -- ``T * logsumexp(cos / T)`` **on the cosine**, as in MCM's
   ``get_ood_scores_clip`` (``args.T * torch.logsumexp(output / args.T)`` with ``output``
   the cosine). With ``T = 1`` this is a weak detector; it is the paper's baseline.
@@ -252,10 +253,14 @@ def _check_lambda(lambda_local: float) -> float:
     try:
         f = float(lambda_local)
     except (TypeError, ValueError):
-        raise ValueError(f"lambda_local must be a number, got {lambda_local!r}") from None
+        raise ValueError(f"lambda_local (OOD.LAMBDA_LOCAL) must be a number, got {lambda_local!r}") from None
     if not math.isfinite(f):
-        raise ValueError(f"lambda_local must be finite, got {lambda_local!r}")
+        raise ValueError(f"lambda_local (OOD.LAMBDA_LOCAL) must be finite, got {lambda_local!r}")
     return f
+
+
+#: Public name of the check of GL-MCM's weight (for early config validation).
+check_lambda_local = _check_lambda
 
 
 def _shape(x: ArrayLike) -> tuple:

@@ -1,9 +1,15 @@
-"""Mean and standard deviation of several runs' ``ood_results.json`` (e.g. seeds 1-3).
+"""Mean and standard deviation of several runs' ``ood_results.json`` (e.g. seeds 1-3), and the
+comparison with a published result.
 
 The papers report the mean over 3 seeds. The standard deviation here is the
 **population** one (``ddof=0``, ``numpy.std``'s default, as CoOp/Dassl's
 ``parse_test_res.py`` does); pass ``ddof=1`` for the sample one. Every summary states
 which.
+
+Published results ship as ``locoop/data/paper_results.json``: one row per (method, score, ID dataset,
+backbone) with per-OOD-set FPR95 / AUROC / AUPR in percent and the file it was copied from. A summary
+made with ``paper=<row id>`` carries ``paper_comparison``: the runs' mean next to the row, and the
+difference run - paper.
 """
 from __future__ import annotations
 
@@ -18,7 +24,171 @@ from locoop.ood.results import AVERAGE, JSON_NAME, REQUIRED_METRICS, METRIC_TITL
 
 SUMMARY_FORMAT_VERSION = 1
 SUMMARY_MD, SUMMARY_JSON = "summary.md", "summary.json"
+PAPER_RESULTS = Path(__file__).resolve().parent.parent / "data" / "paper_results.json"
 PathLike = Union[str, Path]
+
+
+def load_paper_results(path: Optional[PathLike] = None) -> Dict[str, Any]:
+    """The shipped published results (``locoop/data/paper_results.json``), or another file of that format."""
+    p = Path(path) if path is not None else PAPER_RESULTS
+    doc = json.loads(p.read_text(encoding="utf-8"))
+    if not isinstance(doc, dict) or doc.get("format_version") != 1 or not isinstance(doc.get("rows"), list):
+        raise ValueError(f"{p} is not a paper-results file of format version 1")
+    return doc
+
+
+def list_paper_rows(path: Optional[PathLike] = None) -> List[Dict[str, Any]]:
+    """Every published row (dicts with ``id``, ``method``, ``score``, ``id_dataset``, ``backbone``, ``source``, ...)."""
+    return list(load_paper_results(path)["rows"])
+
+
+def get_paper_row(row_id: str, path: Optional[PathLike] = None) -> Dict[str, Any]:
+    """The published row ``row_id``.
+
+    Raises:
+        ValueError: unknown id (the message lists the ids and how to see them).
+    """
+    rows = list_paper_rows(path)
+    for row in rows:
+        if row["id"] == row_id:
+            return row
+    import difflib
+
+    ids = [r["id"] for r in rows]
+    close = difflib.get_close_matches(row_id, ids, n=3)
+    raise ValueError(f"no published row {row_id!r}" + (f"; did you mean {', '.join(close)}?" if close else "")
+                     + f" Rows: {', '.join(ids)} (details: --paper list)")
+
+
+def format_paper_list(rows: Optional[Sequence[Mapping[str, Any]]] = None) -> str:
+    """One line per published row: id, method, score, dataset, backbone, source file."""
+    rows = list_paper_rows() if rows is None else rows
+    width = max(len(r["id"]) for r in rows)
+    lines = [f"{len(rows)} published rows (values in percent; source files named per row):"]
+    for r in rows:
+        src = r["source"]
+        where = f"{src.get('repository', '')}@{str(src.get('commit', ''))[:7]} {src.get('file', '')}".strip()
+        lines.append(f"{r['id']:<{width}}  {r['method']}, {r['score']}, {r['id_dataset']}, {r['backbone']}"
+                     f"  [{where}]")
+    return "\n".join(lines)
+
+
+def compare_with_paper(summary: Mapping[str, Any], row: Mapping[str, Any]) -> Dict[str, Any]:
+    """The runs' means next to a published row: ``sets[set][metric] = {run, std, paper, diff}`` in percent.
+
+    ``Average`` is the runs' mean over the row's OOD sets (so it compares with the published average even
+    when the runs have more sets); it is None when a set of the row is missing from the runs.
+
+    Raises:
+        ValueError: the runs have no results for the row's score.
+    """
+    score = row["score"]
+    if score not in summary["scores"]:
+        raise ValueError(f"the runs have no {score!r} results (they have {sorted(summary['scores'])}); paper row "
+                         f"{row['id']!r} is {score}: evaluate with it in OOD.SCORES")
+    run_rows = summary["scores"][score]
+    sets: Dict[str, Dict[str, Any]] = {}
+    for o, paper_m in row["ood"].items():
+        sets[o] = {}
+        for k, p in paper_m.items():
+            r = run_rows.get(o, {}).get(k)
+            sets[o][k] = {"run": None if r is None else r["mean"], "std": None if r is None else r["std"],
+                          "paper": float(p), "diff": None if r is None else r["mean"] - float(p)}
+    avg: Dict[str, Any] = {}
+    same_sets = set(run_rows) - {AVERAGE} == set(row["ood"])
+    for k, p in (row.get("average") or {}).items():
+        if same_sets and k in run_rows.get(AVERAGE, {}):  # the runs' own Average row (with its spread)
+            r, std = run_rows[AVERAGE][k]["mean"], run_rows[AVERAGE][k]["std"]
+        else:
+            means = [sets[o][k]["run"] for o in row["ood"] if k in sets[o]]
+            r = float(np.mean(means)) if means and all(m is not None for m in means) else None
+            std = None
+        avg[k] = {"run": r, "std": std, "paper": float(p), "diff": None if r is None else r - float(p)}
+    sets[AVERAGE] = avg
+    notes = []
+    missing = [o for o in row["ood"] if o not in run_rows]
+    if missing:
+        notes.append(f"the runs have no results for {missing}; evaluate them on the row's OOD sets")
+    extra = [o for o in run_rows if o not in row["ood"] and o != AVERAGE]
+    if extra:
+        notes.append(f"the runs' sets {extra} are not in the row; its Average here is over the row's sets")
+    for key, label in (("id_dataset", "ID dataset"), ("backbone", "backbone")):
+        ours = summary.get(key)
+        if ours and row.get(key) and str(ours) != str(row[key]):
+            notes.append(f"the runs' {label} is {ours}, the row's is {row[key]}")
+    acc = None
+    if row.get("id_accuracy") is not None and summary.get("id_accuracy") is not None:
+        r = summary["id_accuracy"]["mean"]
+        acc = {"run": r, "std": summary["id_accuracy"]["std"], "paper": float(row["id_accuracy"]),
+               "diff": r - float(row["id_accuracy"])}
+    return {"row": dict(row), "score": score, "sets": sets, "id_accuracy": acc, "notes": notes,
+            "n_runs": summary.get("n_runs")}
+
+
+def _num(v: Optional[float], signed: bool = False) -> str:
+    if v is None:
+        return "—"
+    return f"{v:+.2f}" if signed else f"{v:.2f}"
+
+
+def _run_cell(m: Mapping[str, Any], n_runs: int) -> str:
+    if m["run"] is None:
+        return "—"
+    return f"{m['run']:.2f}" + (f" ± {m['std']:.2f}" if n_runs > 1 and m.get("std") is not None else "")
+
+
+def _source_line(row: Mapping[str, Any]) -> str:
+    src = row["source"]
+    return (f"{src.get('paper', '')}; {src.get('kind', 'source')}: {src.get('repository', '')} "
+            f"(commit {str(src.get('commit', ''))[:12]}) {src.get('file', '')}").strip()
+
+
+def format_comparison_table(comparison: Mapping[str, Any]) -> str:
+    """Console text: every OOD set's run mean, published value and difference (run - paper)."""
+    row, n = comparison["row"], int(comparison.get("n_runs") or 1)
+    metrics = [k for k in REQUIRED_METRICS if any(k in m for m in comparison["sets"].values())]
+    width = max(len(AVERAGE), *(len(o) for o in comparison["sets"]))
+    run_w = 15 if n > 1 else 7
+    lines = [f"Paper row {row['id']}: {row['method']}, {row['score']}, {row['id_dataset']}, {row['backbone']}",
+             f"  {row.get('setting', '')}", f"  source: {_source_line(row)}",
+             f"  run = {'mean ± std of ' + str(n) + ' runs' if n > 1 else 'the run'}; diff = run - paper (percent)"]
+    head = f"{'OOD set':<{width}}"
+    for k in metrics:
+        head += f"  {METRIC_TITLES[k] + ' run':>{run_w + 0}} {'paper':>7} {'diff':>7}"
+    lines += [head, "-" * len(head)]
+    for o, m in comparison["sets"].items():
+        line = f"{o:<{width}}"
+        for k in metrics:
+            c = m.get(k, {"run": None, "paper": None, "diff": None})
+            line += f"  {_run_cell(c, n):>{run_w}} {_num(c['paper']):>7} {_num(c['diff'], True):>7}"
+        lines.append(line)
+    if comparison.get("id_accuracy"):
+        a = comparison["id_accuracy"]
+        lines.append(f"ID accuracy: run {_run_cell(a, n)}, paper {_num(a['paper'])}, diff {_num(a['diff'], True)}")
+    lines += [f"Note: {t}" for t in comparison.get("notes", [])]
+    return "\n".join(lines)
+
+
+def format_comparison_markdown(comparison: Mapping[str, Any]) -> str:
+    """The comparison as a Markdown section (for ``summary.md``)."""
+    row, n = comparison["row"], int(comparison.get("n_runs") or 1)
+    metrics = [k for k in REQUIRED_METRICS if any(k in m for m in comparison["sets"].values())]
+    out = [f"## Compared with the paper: {row['id']}", "",
+           f"{row['method']}, {row['score']}, {row['id_dataset']}, {row['backbone']}: {row.get('setting', '')}.",
+           f"Source: {_source_line(row)}. Difference = run - paper, in percent.", "",
+           "| OOD set | " + " | ".join(f"{METRIC_TITLES[k]} run | paper | diff" for k in metrics) + " |",
+           "|---|" + "---:|---:|---:|" * len(metrics)]
+    for o, m in comparison["sets"].items():
+        cells = []
+        for k in metrics:
+            c = m.get(k, {"run": None, "paper": None, "diff": None})
+            cells += [_run_cell(c, n), _num(c["paper"]), _num(c["diff"], True)]
+        out.append(f"| {o} | " + " | ".join(cells) + " |")
+    if comparison.get("id_accuracy"):
+        a = comparison["id_accuracy"]
+        out += ["", f"ID accuracy: run {_run_cell(a, n)}, paper {_num(a['paper'])}, diff {_num(a['diff'], True)}."]
+    out += [""] + [f"Note: {t}" for t in comparison.get("notes", [])]
+    return "\n".join(out).rstrip() + "\n"
 
 
 def find_result_files(paths: Iterable[PathLike] = (), pattern: Optional[str] = None) -> List[Path]:
@@ -94,13 +264,16 @@ def _check_same(docs: Sequence[Mapping[str, Any]], files: Sequence[Path]) -> Non
         raise ValueError(f"ID accuracy is missing in {missing} but present in the other runs")
 
 
-def summarize_runs(paths: Sequence[PathLike], output_dir: Optional[PathLike] = None, ddof: int = 0) -> Dict[str, Any]:
+def summarize_runs(paths: Sequence[PathLike], output_dir: Optional[PathLike] = None, ddof: int = 0,
+                   paper: Optional[str] = None) -> Dict[str, Any]:
     """Average several runs' ``ood_results.json`` per score, OOD set and metric.
 
     Args:
         paths: run folders or ``ood_results.json`` files (at least one).
         output_dir: if given, ``summary.md`` and ``summary.json`` are written there.
         ddof: 0 = population standard deviation (default), 1 = sample.
+        paper: id of a published row (:func:`list_paper_rows`) to compare with; the summary then has
+            ``paper_comparison`` (:func:`compare_with_paper`), also in the written files.
 
     Returns:
         The summary: ``scores[score][set][metric] = {"mean", "std", "values"}`` in percent
@@ -108,9 +281,11 @@ def summarize_runs(paths: Sequence[PathLike], output_dir: Optional[PathLike] = N
         ``files`` (written paths) when ``output_dir`` was given.
 
     Raises:
-        ValueError: no runs, or runs with different scores / OOD sets / conventions.
+        ValueError: no runs, or runs with different scores / OOD sets / conventions; an unknown paper row,
+            or one whose score the runs lack.
         FileNotFoundError: a path without ``ood_results.json``.
     """
+    row = get_paper_row(paper) if paper else None
     files = find_result_files(paths)
     if not files:
         raise ValueError("no runs given: pass run folders containing ood_results.json")
@@ -139,6 +314,13 @@ def summarize_runs(paths: Sequence[PathLike], output_dir: Optional[PathLike] = N
         "id_accuracy": acc,
         "scores": scores,
     }
+    meta = ref.get("meta") or {}
+    for key in ("id_dataset", "backbone"):
+        values = {str((d.get("meta") or {}).get(key)) for d in docs if (d.get("meta") or {}).get(key)}
+        if len(values) == 1:
+            summary[key] = meta.get(key)
+    if row is not None:
+        summary["paper_comparison"] = compare_with_paper(summary, row)
     if output_dir is not None:
         out = Path(output_dir)
         summary["files"] = {
@@ -167,6 +349,8 @@ def format_summary_markdown(summary: Mapping[str, Any]) -> str:
                 "|---|" + "---:|" * len(keys)]
         for o, m in rows.items():
             out.append(f"| {o} | " + " | ".join(_cell(m[k]) for k in keys) + " |")
+    if summary.get("paper_comparison"):
+        out += ["", format_comparison_markdown(summary["paper_comparison"]).rstrip()]
     return "\n".join(out) + "\n"
 
 
@@ -181,4 +365,6 @@ def format_summary_table(summary: Mapping[str, Any]) -> str:
                   f"{'OOD set':<{width}}  " + "  ".join(f"{METRIC_TITLES[k]:>15}" for k in REQUIRED_METRICS)]
         for o, m in rows.items():
             lines.append(f"{o:<{width}}  " + "  ".join(f"{_cell(m[k]):>15}" for k in REQUIRED_METRICS))
+    if summary.get("paper_comparison"):
+        lines += ["", format_comparison_table(summary["paper_comparison"])]
     return "\n".join(lines)

@@ -16,6 +16,16 @@ Differences from the CoOp/LoCoOp reference code, all deliberate:
   CSC the initial words are copied to every class (the reference ignores CSC when CTX_INIT is set).
 * ``middle`` / ``front`` positions are built with one gather instead of a Python loop over classes;
   the resulting embeddings are the same.
+
+Random initial context, as the papers' code draws it: there, ``set_random_seed(SEED)`` is followed by
+building OpenAI's CLIP module (whose constructor draws its random initialisation on the CPU generator
+before the real weights are loaded over it) and then ``nn.init.normal_(ctx, std=0.02)`` on a CPU tensor of
+the model's dtype. Our CLIP is built differently (separate q/k/v layers), so the global generator is not
+where the papers' is at that point. :func:`papers_context_generator` therefore replays the papers' draws on a
+private generator seeded with the run's seed (``torch.initial_seed()``) -- the same tensor shapes, in the same
+order, with the same ``uniform_`` / ``normal_`` calls -- and the context is drawn from it: for the same seed,
+backbone and dtype (fp16 on CUDA with ``PREC fp16``, fp32 with ``fp32`` / ``amp``) it equals the papers'
+initial context under the same torch CPU kernels. ``init_rng="global"`` draws from the global generator instead.
 """
 from __future__ import annotations
 
@@ -27,9 +37,11 @@ from torch import nn
 
 Tensor = torch.Tensor
 
-__all__ = ["CLASS_TOKEN_POSITIONS", "PromptLearner", "zero_shot_text_features", "describe_ctx_shape"]
+__all__ = ["CLASS_TOKEN_POSITIONS", "INIT_RNGS", "PromptLearner", "zero_shot_text_features", "describe_ctx_shape",
+           "papers_context_generator"]
 
 CLASS_TOKEN_POSITIONS = ("end", "middle", "front")
+INIT_RNGS = ("papers", "global")
 
 
 def _tokenize(texts: Sequence[str], context_length: int) -> Tensor:
@@ -54,6 +66,90 @@ def describe_ctx_shape(shape: Sequence[int]) -> str:
     return f"shape {shape}"
 
 
+def _draw(g: torch.Generator, kind: str, *shape: int) -> None:
+    t = torch.empty(*shape)  # float32 on the CPU, as the reference constructor allocates it
+    if kind == "uniform":
+        t.uniform_(generator=g)
+    else:
+        t.normal_(generator=g)
+
+
+def _linear(g: torch.Generator, out_features: int, in_features: int, bias: bool = True) -> None:
+    _draw(g, "uniform", out_features, in_features)  # nn.Linear.reset_parameters: kaiming_uniform_ ...
+    if bias:
+        _draw(g, "uniform", out_features)  # ... then uniform_ on the bias
+
+
+def _residual_block(g: torch.Generator, width: int) -> None:
+    _linear(g, width, width)  # nn.MultiheadAttention's out_proj is built first ...
+    _draw(g, "uniform", 3 * width, width)  # ... then _reset_parameters: xavier_uniform_(in_proj_weight)
+    _linear(g, 4 * width, width)  # mlp.c_fc
+    _linear(g, width, 4 * width)  # mlp.c_proj
+
+
+def _replay_openai_clip_init(clip_model: nn.Module, g: torch.Generator) -> None:
+    """Advance ``g`` exactly as building OpenAI's ``CLIP`` module (``clip.model.build_model``) advances the CPU
+    generator: every random initialisation of its constructor and of ``initialize_parameters``, in order."""
+    visual = clip_model.visual
+    text_width = int(clip_model.ln_final.weight.shape[0])
+    text_layers = len(clip_model.transformer.resblocks)
+    vocab = int(clip_model.token_embedding.weight.shape[0])
+    context = int(clip_model.positional_embedding.shape[0])
+    embed_dim = int(clip_model.text_projection.weight.shape[0])
+    resnet = hasattr(visual, "layer1")
+    if resnet:
+        for conv in (visual.conv1, visual.conv2, visual.conv3):
+            _draw(g, "uniform", *conv.weight.shape)
+        for layer in (visual.layer1, visual.layer2, visual.layer3, visual.layer4):
+            for block in layer:
+                for conv in (block.conv1, block.conv2, block.conv3):
+                    _draw(g, "uniform", *conv.weight.shape)
+                if block.downsample is not None:
+                    _draw(g, "uniform", *block.downsample[1].weight.shape)
+        pool = visual.attnpool
+        pool_dim = int(pool.positional_embedding.shape[1])
+        _draw(g, "normal", *pool.positional_embedding.shape)
+        for _ in range(3):  # k_proj, q_proj, v_proj
+            _linear(g, pool_dim, pool_dim)
+        _linear(g, int(pool.c_proj.weight.shape[0]), pool_dim)
+    else:
+        width = int(visual.conv1.weight.shape[0])
+        _draw(g, "uniform", *visual.conv1.weight.shape)
+        _draw(g, "normal", width)  # class_embedding
+        _draw(g, "normal", *visual.positional_embedding.shape)
+        for _ in range(len(visual.transformer.resblocks)):
+            _residual_block(g, width)
+        _draw(g, "normal", width, int(visual.output_dim))  # proj
+    for _ in range(text_layers):
+        _residual_block(g, text_width)
+    _draw(g, "normal", vocab, text_width)  # nn.Embedding
+    # initialize_parameters()
+    _draw(g, "normal", vocab, text_width)
+    _draw(g, "normal", context, text_width)
+    if resnet:
+        for proj in (pool.q_proj, pool.k_proj, pool.v_proj, pool.c_proj):
+            _draw(g, "normal", *proj.weight.shape)
+    for _ in range(text_layers):
+        _draw(g, "normal", 3 * text_width, text_width)
+        _draw(g, "normal", text_width, text_width)
+        _draw(g, "normal", 4 * text_width, text_width)
+        _draw(g, "normal", text_width, 4 * text_width)
+    _draw(g, "normal", text_width, embed_dim)  # text_projection
+
+
+def papers_context_generator(clip_model: nn.Module, seed: Optional[int] = None) -> torch.Generator:
+    """A CPU generator in the state the papers' code has when it draws the random context (see module docstring).
+
+    Args:
+        clip_model: the backbone (only its architecture is read).
+        seed: the run's seed; default ``torch.initial_seed()``, i.e. the seed ``set_random_seed`` gave torch.
+    """
+    g = torch.Generator(device="cpu")
+    g.manual_seed(int(torch.initial_seed() if seed is None else seed))
+    _replay_openai_clip_init(clip_model, g)
+    return g
+
+
 class PromptLearner(nn.Module):
     """Learned context vectors in front of (or around) the class-name tokens.
 
@@ -66,6 +162,9 @@ class PromptLearner(nn.Module):
         csc: class-specific contexts (one set per class) instead of one shared set.
         class_token_position: "end", "middle" or "front".
         verbose: print the initial context.
+        init_rng: where a random context is drawn from: "papers" (default: the papers' draw for the run's
+            seed, see the module docstring) or "global" (the global generator, as it stands).
+        init_seed: the seed of the "papers" draw (default ``torch.initial_seed()``).
 
     Attributes:
         ctx: the learned ``nn.Parameter``, ``[n_ctx, W]`` or ``[C, n_ctx, W]`` in the model dtype.
@@ -74,10 +173,13 @@ class PromptLearner(nn.Module):
     """
 
     def __init__(self, classnames: Sequence[str], clip_model: nn.Module, n_ctx: int = 16, ctx_init: str = "",
-                 csc: bool = False, class_token_position: str = "end", verbose: bool = False):
+                 csc: bool = False, class_token_position: str = "end", verbose: bool = False,
+                 init_rng: str = "papers", init_seed: Optional[int] = None):
         super().__init__()
         if isinstance(classnames, str) or len(classnames) == 0:
             raise ValueError("classnames must be a non-empty list of class names")
+        if init_rng not in INIT_RNGS:
+            raise ValueError(f"init_rng must be one of {INIT_RNGS}, got {init_rng!r}")
         if class_token_position not in CLASS_TOKEN_POSITIONS:
             raise ValueError(f"class_token_position must be one of {CLASS_TOKEN_POSITIONS} "
                              f"(TRAINER.LOCOOP.CLASS_TOKEN_POSITION), got {class_token_position!r}")
@@ -104,8 +206,13 @@ class PromptLearner(nn.Module):
                 raise ValueError(f"N_CTX must be at least 1 when CTX_INIT is empty, got {n_ctx}")
             n_ctx = int(n_ctx)
             shape = (n_cls, n_ctx, width) if csc else (n_ctx, width)
-            ctx_vectors = torch.empty(shape, dtype=dtype, device=device)
-            nn.init.normal_(ctx_vectors, std=0.02)
+            if init_rng == "papers":  # a CPU tensor of the model's dtype, as the papers draw it
+                ctx_vectors = torch.empty(shape, dtype=dtype)
+                ctx_vectors.normal_(0.0, 0.02, generator=papers_context_generator(clip_model, init_seed))
+                ctx_vectors = ctx_vectors.to(device)
+            else:
+                ctx_vectors = torch.empty(shape, dtype=dtype, device=device)
+                nn.init.normal_(ctx_vectors, std=0.02)
             prompt_prefix = " ".join(["X"] * n_ctx)
         if verbose:
             print(f"Initializing {'class-specific' if csc else 'a generic'} context: \"{prompt_prefix}\" "

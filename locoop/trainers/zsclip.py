@@ -1,4 +1,8 @@
-"""Zero-shot CLIP: the prompt "a photo of a {}." per class, no training (MCM's setting)."""
+"""Zero-shot CLIP: one hand-written prompt per class (``TRAINER.ZSCLIP.PROMPT_TEMPLATE``), no training.
+
+The default ``"a photo of a {}."`` is CoOp's ZeroshotCLIP template for ImageNet; the MCM / GL-MCM
+evaluation uses ``"a photo of a {}"`` (no full stop): ``configs/zeroshot/{MCM,GL-MCM}.yaml`` set it.
+"""
 from __future__ import annotations
 
 from typing import Any, Optional, Union
@@ -24,6 +28,7 @@ class ZeroshotCLIP(TrainerX):
     """CLIP with hand-written prompts; evaluation only (``--eval-only``).
 
     Same interface as the prompt-learning trainers: ``clip_model`` and ``text_features()``.
+    The prompt is ``TRAINER.ZSCLIP.PROMPT_TEMPLATE`` (``template`` after building).
     """
 
     template = ZS_TEMPLATE
@@ -33,9 +38,14 @@ class ZeroshotCLIP(TrainerX):
             raise ValueError(f"TRAINER.LOCOOP.PREC must be one of {PRECISIONS}, got {cfg.TRAINER.LOCOOP.PREC!r}")
         if not str(cfg.MODEL.BACKBONE.NAME or "").strip():
             raise ValueError("MODEL.BACKBONE.NAME is empty: set a CLIP model name (e.g. ViT-B/16) or a checkpoint path")
+        template = str(cfg.TRAINER.ZSCLIP.PROMPT_TEMPLATE)
+        if template.count("{}") != 1:
+            raise ValueError(f"TRAINER.ZSCLIP.PROMPT_TEMPLATE must contain '{{}}' once for the class name, got "
+                             f"{template!r} (MCM / GL-MCM: 'a photo of a {{}}')")
 
     def build_model(self) -> None:
         cfg = self.cfg
+        self.template = str(cfg.TRAINER.ZSCLIP.PROMPT_TEMPLATE)
         # amp makes no sense without training: fp16 on CUDA as CLIP ships, fp32 elsewhere.
         prec = "fp16" if cfg.TRAINER.LOCOOP.PREC == "amp" else cfg.TRAINER.LOCOOP.PREC
         self.clip_model, self.precision = load_clip(cfg, self.device, prec, verbose=bool(cfg.VERBOSE))

@@ -12,6 +12,13 @@ Splits, as CoOp/LoCoOp: ``train_x`` = K images per class from ``train`` (``DATAS
 all training images when < 1), ``test`` = the ``val`` folder, ``val`` = the images listed in
 ``DATASET.VAL_SPLIT_FILE`` (SeTAR's one-image-per-class JSON, looked up in ``images/val`` then
 ``images/train``) or else the test set. Labels are the positions of the sorted wnids.
+
+Listing order of the few-shot source (``DATASET.FEWSHOT_FILE_ORDER``): CoOp / LoCoOp list each training
+class folder with Dassl's ``listdir_nohidden``, i.e. in ``os.listdir`` order, which is the file system's
+order (hash order on ext4; two copies of the same folder can differ). Dassl's sampling depends on that
+order, so the default ``listdir`` lists the same way and draws the papers' images for the same seed on the
+same copy of the data; ``sorted`` lists by file name, which gives the same split on every copy but not the
+papers'. Only the few-shot source is affected: every other list is sorted, and metrics do not depend on it.
 """
 from __future__ import annotations
 
@@ -22,7 +29,7 @@ from ...engine.registry import DATASET_REGISTRY
 from ..classnames import ClassNames, compare_keys, resolve_imagenet_classnames
 from ..datum import DatasetBase, Datum
 from ..fewshot import load_or_create_fewshot, select_subsample_labels, subsample_dataset
-from ..image_io import list_images
+from ..image_io import is_image_file, list_images
 from .valsplit import load_val_split
 
 IMAGENET_LAYOUT = """Expected layout under DATASET.ROOT:
@@ -33,20 +40,50 @@ IMAGENET_LAYOUT = """Expected layout under DATASET.ROOT:
 See data/README.md; `python -m locoop check-data --root DATA` reports what to fix."""
 
 
+FILE_ORDERS = ("listdir", "sorted")
+
+
+def check_file_order(order: str) -> str:
+    """``DATASET.FEWSHOT_FILE_ORDER`` checked against :data:`FILE_ORDERS`.
+
+    Raises:
+        ValueError: another value (the valid ones are listed).
+    """
+    if order not in FILE_ORDERS:
+        raise ValueError(f"DATASET.FEWSHOT_FILE_ORDER must be one of {FILE_ORDERS} (listdir: the papers' os.listdir "
+                         f"order; sorted: by file name), got {order!r}")
+    return order
+
+
+def list_images_listdir(folder: str) -> list:
+    """Image files of ``folder`` in ``os.listdir`` order (Dassl's ``listdir_nohidden``), as absolute paths.
+
+    Hidden entries are skipped as Dassl does; so are sub-folders and non-image files, which Dassl would
+    list and then fail to read.
+    """
+    folder = os.path.abspath(folder)
+    with os.scandir(folder) as it:  # the same readdir order as os.listdir
+        return [e.path for e in it if e.is_file() and is_image_file(e.name)]
+
+
 def list_class_folders(split_dir: str) -> list:
     """Sorted names of the visible sub-folders of ``split_dir`` (one per class)."""
     with os.scandir(split_dir) as it:
         return sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
 
 
-def read_class_folders(split_dir: str, classes: ClassNames, recursive: bool = False) -> list:
-    """Items of ``<split_dir>/<class folder>/<image>`` for every class, in label then path order."""
+def read_class_folders(split_dir: str, classes: ClassNames, recursive: bool = False, order: str = "sorted") -> list:
+    """Items of ``<split_dir>/<class folder>/<image>`` for every class, in label order; within a class in
+    path order (``order="sorted"``) or in ``os.listdir`` order (``"listdir"``, as CoOp / LoCoOp)."""
+    check_file_order(order)
     items = []
     for label, (key, name) in enumerate(zip(classes.keys, classes.names)):
         folder = os.path.join(split_dir, key)
         if not os.path.isdir(folder):
             continue
-        items.extend(Datum(p, label, name) for p in list_images(folder, recursive=recursive))
+        paths = list_images_listdir(folder) if order == "listdir" and not recursive else \
+            list_images(folder, recursive=recursive)
+        items.extend(Datum(p, label, name) for p in paths)
     return items
 
 
@@ -118,6 +155,7 @@ class ImageNet(DatasetBase):
         self.val_dir = os.path.join(self.image_dir, "val")
         subsample = str(cfg.DATASET.SUBSAMPLE_CLASSES)
         select_subsample_labels([], subsample)  # validates the value before any listing
+        file_order = check_file_order(str(cfg.DATASET.FEWSHOT_FILE_ORDER))
 
         missing = [p for p in [self.val_dir] + ([self.train_dir] if need_train else []) if not os.path.isdir(p)]
         if missing:
@@ -146,7 +184,8 @@ class ImageNet(DatasetBase):
         if need_train:
             if num_shots >= 1:
                 train_x, split_file, split_hash, created = load_or_create_fewshot(
-                    self.dataset_dir, num_shots, seed, lambda: read_class_folders(self.train_dir, classes))
+                    self.dataset_dir, num_shots, seed,
+                    lambda: read_class_folders(self.train_dir, classes, order=file_order))
                 train_x = relabel_cached(train_x, classes, split_file)
                 print(f"{'Saved' if created else 'Loaded'} few-shot split {split_file}")
             else:

@@ -23,7 +23,7 @@ from ...engine.registry import DATASET_REGISTRY
 from ..classnames import compare_keys, resolve_voc_classnames
 from ..datum import DatasetBase
 from ..fewshot import load_or_create_fewshot, select_subsample_labels, subsample_dataset
-from .imagenet import drop_overlap, few, list_class_folders, read_class_folders, relabel_cached
+from .imagenet import check_file_order, drop_overlap, few, list_class_folders, read_class_folders, relabel_cached
 from .valsplit import load_val_split
 
 VOC_LAYOUT = """Expected layout under DATASET.ROOT (SeTAR's):
@@ -70,6 +70,7 @@ class PascalVOC(DatasetBase):
         self.dataset_dir = paths["dataset_dir"]
         subsample = str(cfg.DATASET.SUBSAMPLE_CLASSES)
         select_subsample_labels([], subsample)
+        file_order = check_file_order(str(cfg.DATASET.FEWSHOT_FILE_ORDER))
         test_dir = voc_test_dir(paths)
         if test_dir is None:
             raise FileNotFoundError(f"Pascal-VOC folders not found: {paths['test']} (or {paths['single']})\n"
@@ -97,7 +98,8 @@ class PascalVOC(DatasetBase):
             num_shots, seed = int(cfg.DATASET.NUM_SHOTS), int(cfg.SEED)
             if num_shots >= 1:
                 train_x, split_file, split_hash, created = load_or_create_fewshot(
-                    self.dataset_dir, num_shots, seed, lambda: read_class_folders(paths["train"], classes))
+                    self.dataset_dir, num_shots, seed,
+                    lambda: read_class_folders(paths["train"], classes, order=file_order))
                 train_x = relabel_cached(train_x, classes, split_file)
                 print(f"{'Saved' if created else 'Loaded'} few-shot split {split_file}")
             else:

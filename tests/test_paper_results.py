@@ -1,0 +1,94 @@
+"""The shipped published results and ``summarize --paper``: a run's (or several seeds') table next to a row."""
+import json
+import re
+
+import numpy as np
+import pytest
+
+from locoop.cli import main as cli_main
+from locoop.data.datasets.ood import OOD_LAYOUT
+from locoop.ood.results import write_results
+from locoop.ood.summarize import (PAPER_RESULTS, compare_with_paper, get_paper_row, list_paper_rows,
+                                  summarize_runs)
+
+
+def test_every_row_names_its_source_and_is_consistent():
+    rows = list_paper_rows()
+    ids = [r["id"] for r in rows]
+    assert len(ids) == len(set(ids)) and "setar-gl-imagenet" in ids
+    for r in rows:
+        src = r["source"]
+        assert src["paper"] and src["repository"] and re.fullmatch(r"[0-9a-f]{40}", src["commit"]), r["id"]
+        assert src["file"].endswith(".csv"), r["id"]
+        assert r["score"] in ("MCM", "GL-MCM") and r["id_dataset"] in ("ImageNet", "PascalVOC")
+        assert set(r["ood"]) <= set(OOD_LAYOUT), r["id"]
+        expected_sets = {"ImageNet": 4, "PascalVOC": 6}[r["id_dataset"]]
+        assert len(r["ood"]) == expected_sets, r["id"]
+        for m in list(r["ood"].values()) + [r["average"]]:
+            assert set(m) == {"fpr95", "auroc", "aupr"} and all(0 <= v <= 100 for v in m.values())
+        for k in ("fpr95", "auroc", "aupr"):  # the published average is the mean of the published sets (rounded)
+            assert r["average"][k] == pytest.approx(np.mean([m[k] for m in r["ood"].values()]), abs=0.011), r["id"]
+    row = get_paper_row("setar-gl-imagenet")  # spot check against the file it was copied from
+    assert row["ood"]["iNaturalist"] == {"fpr95": 13.36, "auroc": 96.92, "aupr": 99.28}
+    assert row["average"] == {"fpr95": 33.12, "auroc": 91.32, "aupr": 98.18} and row["id_accuracy"] == 63.966
+    with pytest.raises(ValueError, match="did you mean setar-gl-imagenet"):
+        get_paper_row("setar-gl-imagnet")
+
+
+def test_paper_results_ship_as_package_data():
+    text = (PAPER_RESULTS.parents[2] / "pyproject.toml").read_text()
+    assert '"data/*.json"' in text and PAPER_RESULTS.name == "paper_results.json"
+
+
+def _runs(tmp_path, fprs, score="GL-MCM", sets=("iNaturalist", "SUN", "Places", "Texture")):
+    paths = []
+    for seed, f in enumerate(fprs, start=1):
+        results = {score: {o: {"fpr95": f, "auroc": 0.9, "aupr": 0.95} for o in sets}}
+        run = tmp_path / "runs" / f"seed{seed}"
+        write_results(run, results, meta={"env": {}, "id_dataset": "ImageNet", "backbone": "ViT-B/16"},
+                      id_accuracy=0.6)
+        paths.append(run)
+    return paths
+
+
+def test_comparison_is_run_mean_minus_paper(tmp_path):
+    runs = _runs(tmp_path, [0.20, 0.30])
+    summary = summarize_runs(runs, output_dir=tmp_path / "out", paper="setar-gl-imagenet")
+    comp = summary["paper_comparison"]
+    row = get_paper_row("setar-gl-imagenet")
+    inat = comp["sets"]["iNaturalist"]["fpr95"]
+    assert inat["run"] == pytest.approx(25.0) and inat["std"] == pytest.approx(5.0)
+    assert inat["paper"] == 13.36 and inat["diff"] == pytest.approx(25.0 - 13.36)
+    assert comp["sets"]["Average"]["auroc"]["diff"] == pytest.approx(90.0 - row["average"]["auroc"])
+    assert comp["id_accuracy"]["diff"] == pytest.approx(60.0 - 63.966) and comp["notes"] == []
+    doc = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert doc["paper_comparison"]["sets"]["SUN"]["fpr95"]["paper"] == row["ood"]["SUN"]["fpr95"]
+    md = (tmp_path / "out" / "summary.md").read_text()
+    assert "## Compared with the paper: setar-gl-imagenet" in md and "X1AOX1A/SeTAR" in md and "+11.64" in md
+
+
+def test_comparison_over_the_rows_sets_and_with_notes(tmp_path):
+    runs = _runs(tmp_path, [0.5], sets=("iNaturalist", "SUN", "Places", "Texture", "COCO"))
+    comp = compare_with_paper(summarize_runs(runs), get_paper_row("setar-gl-voc-vitl14"))
+    assert comp["sets"]["Average"]["fpr95"]["run"] is None  # ImageNet-22K is missing from the run
+    assert any("ImageNet-22K" in n for n in comp["notes"]) and any("PascalVOC" in n for n in comp["notes"])
+    with pytest.raises(ValueError, match="no 'MCM' results"):
+        compare_with_paper(summarize_runs(_runs(tmp_path / "b", [0.5])), get_paper_row("setar-mcm-imagenet"))
+    extra = compare_with_paper(summarize_runs(runs), get_paper_row("setar-gl-imagenet"))
+    assert extra["sets"]["Average"]["fpr95"]["run"] == pytest.approx(50.0)  # over the row's four sets
+    assert any("COCO" in n for n in extra["notes"])
+
+
+def test_summarize_paper_via_cli(tmp_path, capsys):
+    runs = _runs(tmp_path, [0.20, 0.30, 0.25])
+    rc = cli_main(["summarize"] + [str(r) for r in runs] + ["--paper", "setar-gl-imagenet"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "Paper row setar-gl-imagenet" in out and "13.36" in out and "+11.64" in out
+    assert "results/training-free/clip_base/ID_ImageNet1K/SeTAR/metrics_gl_mcm_score_test.csv" in out
+    assert "paper_comparison" in json.loads((tmp_path / "runs" / "summary.json").read_text())
+    assert cli_main(["summarize", "--paper", "list"]) == 0
+    listing = capsys.readouterr().out
+    assert all(r["id"] in listing for r in list_paper_rows())
+    rc = cli_main(["summarize"] + [str(r) for r in runs] + ["--paper", "locoop-gl-16shot"])
+    assert rc == 2 and "no published row 'locoop-gl-16shot'" in capsys.readouterr().err
