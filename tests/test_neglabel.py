@@ -12,8 +12,8 @@ from locoop.ood import neglabel as nl
 from locoop.ood.lexicon import read_lexicon
 from locoop.ood.neglabel import (CSP_ADJ_TEMPLATES, CSP_MODIFIERS, CSP_NOUN_TEMPLATES, NegLabelParams,
                                  build_negative_bank, candidate_prompts, encode_prompt_ensembles, group_columns,
-                                 mining_quantiles, neglabel_score, recipe_id_text_features, score_from_stats,
-                                 select_negatives)
+                                 mining_quantiles, neglabel_score, recipe_id_text_features, score_feature_batches,
+                                 score_from_stats, select_negatives)
 
 
 def _features_with_cosines(cos_rows):
@@ -246,6 +246,13 @@ def test_corrupt_cache_is_rebuilt_and_score_end_to_end(tiny_model, tmp_path):
         per_group.append(ea.sum(1) / (ea.sum(1) + eb.sum(1)))
     assert np.allclose(got.numpy(), np.mean(per_group, axis=0), rtol=1e-5, atol=1e-7)
     assert torch.equal(bank.score(id_cos, neg_cos), got)
+    # streamed FeatureSet batches (as the runner or the feature cache yields them), small chunks
+    from locoop.ood.features import FeatureSet
+
+    batches = [FeatureSet(img[:3], None, torch.full((3,), -1), ["a"] * 3), FeatureSet(img[3:], None, torch.full((2,), -1),
+                                                                                   ["b"] * 2)]
+    streamed = score_feature_batches(batches, ids, bank, chunk_elements=2 * (ids.shape[0] + len(bank)))
+    assert torch.allclose(streamed, got, atol=1e-6)
 
 
 def test_bank_errors(tiny_model, tmp_path):

@@ -216,3 +216,45 @@ def test_generated_scores_flow_into_metrics_and_groups(tmp_path):
                        for name, items in ood.items()}}
     rows = grouped_rows(results, OPENOOD_V15_IMAGENET.groups(list(ood)))["MCM"]
     assert [r[0] for r in rows if r[1] == "group"] == ["Near-OOD", "Far-OOD"]
+
+
+def test_build_dataset_by_name(tmp_path):
+    from locoop.data import build_dataset
+
+    make_openood_imagenet(tmp_path, num_classes=2, test_per_class=1)
+    cfg = _cfg(tmp_path)
+    cfg.VERBOSE = False
+    ds = build_dataset(cfg, need_train=False)
+    assert type(ds).__name__ == "OpenOODImageNet" and len(ds.test) == 2
+
+
+def test_neglabel_on_generated_openood_lists(tmp_path, tiny_vit_path):
+    """Zero-shot NegLabel end to end on the generated lists with a tiny lexicon and a tiny CLIP:
+    images encoded once, negative labels mined, scores, OpenOOD metrics, near / far rows."""
+    import clip
+    from locoop.data import build_data_loader
+    from locoop.ood.features import extract_features
+    from locoop.ood.lexicon import read_lexicon
+    from locoop.ood.metrics import ood_metrics
+    from locoop.ood.neglabel import NegLabelParams, build_negative_bank, recipe_id_text_features, score_feature_batches
+
+    info = make_openood_imagenet(tmp_path / "data", num_classes=3, test_per_class=2, ood_per_set=2)
+    (tmp_path / "words.txt").write_text("\n".join(["tractor", "violin", "cloud", "river", "hammer", "kettle",
+                                                   "lamp", "rocket", "tulip", "moss"]) + "\n")
+    model, preprocess = clip.load(tiny_vit_path, device="cpu")
+    model.eval()
+    root = str(tmp_path / "data")
+    ids_items = read_imglist(root, OPENOOD_V15_IMAGENET.id_test, info["classnames"])
+    sets = {"ID": ids_items, **build_openood_ood_sets(root)}
+    params = NegLabelParams(ngroup=2, ratio=0.6)
+    id_text = recipe_id_text_features(model, info["classnames"], params)
+    bank = build_negative_bank(model, id_text, read_lexicon(tmp_path / "words.txt"), params,
+                               cache_dir=tmp_path / "cache", device="cpu", verbose=False)
+    scores = {}
+    for name, items in sets.items():
+        feats = extract_features(model, build_data_loader(items, 4, preprocess, is_train=False), "cpu", with_local=False)
+        scores[name] = score_feature_batches([feats], id_text, bank).numpy()
+        assert scores[name].shape == (len(items),) and np.all((scores[name] > 0) & (scores[name] < 1))
+    results = {"NegLabel": {n: ood_metrics(scores["ID"], v, include_openood=True) for n, v in scores.items() if n != "ID"}}
+    md = format_grouped_markdown(results, OPENOOD_V15_IMAGENET.groups())
+    assert "**Near-OOD**" in md and "**Far-OOD**" in md and "AUPR-Out" in md

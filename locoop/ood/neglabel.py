@@ -80,6 +80,7 @@ __all__ = [
     "NegLabelParams", "NegativeLabelBank", "RECIPES", "CSP_NOUN_TEMPLATES", "CSP_ADJ_TEMPLATES", "CSP_MODIFIERS",
     "CSP_EXCLUDED_FILES", "candidate_prompts", "encode_prompt_ensembles", "recipe_id_text_features",
     "mining_quantiles", "select_negatives", "group_columns", "neglabel_score", "score_from_stats",
+    "score_feature_batches",
     "text_fingerprint", "tensor_digest", "build_candidates", "build_negative_bank", "BANK_FORMAT",
 ]
 
@@ -391,6 +392,37 @@ def score_from_stats(stats: Any) -> torch.Tensor:
     ``stats.neg_bank`` (a :class:`NegativeLabelBank`, for its temperature and groups)."""
     bank = stats.neg_bank
     return neglabel_score(stats.global_cos, stats.neg_cos, bank.params.temperature, bank.groups)
+
+
+@torch.no_grad()
+def score_feature_batches(batches: Any, id_text_features: torch.Tensor, bank: "NegativeLabelBank",
+                          device: Optional[Device] = None, chunk_elements: int = 1 << 24) -> torch.Tensor:
+    """NegLabel scores of image features streamed batch by batch (the runner's or the feature cache's
+    :class:`~locoop.ood.features.FeatureSet` batches): only global features are read.
+
+    Args:
+        batches: iterable of objects with ``global_feats`` ``[n, D]`` (normalised).
+        id_text_features: ``[K, D]`` ID label features (normalised here).
+        bank: the negative labels.
+        device: where to compute (default: the text features' device).
+        chunk_elements: bound on rows x (K + M) per similarity chunk.
+
+    Returns:
+        float32 ``[N]`` on the CPU, in batch order.
+    """
+    ids = id_text_features.detach().float()
+    dev = torch.device(device) if device is not None else ids.device
+    ids = (ids / ids.norm(dim=-1, keepdim=True)).to(dev)
+    text = torch.cat([ids, bank.features.to(dev, torch.float32)]).t().contiguous()
+    k = ids.shape[0]
+    step = max(1, int(chunk_elements) // text.shape[1])
+    out = []
+    for batch in batches:
+        g = batch.global_feats
+        for lo in range(0, g.shape[0], step):
+            sim = g[lo:lo + step].to(dev, torch.float32) @ text
+            out.append(bank.score(sim[:, :k], sim[:, k:]).cpu())
+    return torch.cat(out) if out else torch.empty(0)
 
 
 # ------------------------------------------------------------------------------------ keys
