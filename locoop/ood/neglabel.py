@@ -9,7 +9,7 @@ MengyuanChen21/NeurIPS2024-CSP, same two files; never copied):
 Notation: ``e_1..e_K`` the normalised ID text features, ``c_1..c_N`` the normalised features of the
 candidate words of a lexicon (:mod:`locoop.ood.lexicon`), ``h`` a normalised image feature.
 
-**NegMining** (NegLabel paper, Sec. 3.1, "NegMining"): the distance of candidate ``i`` to the ID
+**NegMining** (the NegLabel paper's negative-label selection): the distance of candidate ``i`` to the ID
 labels is the ``eta``-percentile of its negative cosines, ``d_i = P_eta({-cos(c_i, e_k)}_k)``
 with ``eta = 5%``; the candidates with the largest distances are the negative labels. For the
 linear-interpolation percentile ``P_eta(-x) = -P_(1-eta)(x)``, so equivalently the candidates with
@@ -21,7 +21,7 @@ the selected nouns, then the selected adjectives, each by increasing quantile.
 CSP adds one rule: a candidate whose largest cosine to an ID label exceeds ``0.95`` gets
 quantile 1 (never selected).
 
-**NegLabel score** (NegLabel paper, Sec. 3.2, the score with negative labels):
+**NegLabel score** (the paper's OOD score with negative labels):
 
     S(h) = sum_k exp(cos(h, e_k) / tau) / (sum_k exp(cos(h, e_k) / tau) + sum_j exp(cos(h, n_j) / tau))
 
@@ -29,7 +29,7 @@ over the ID labels ``e_k`` and the selected negative labels ``n_j``, with ``tau 
 ``t = 1`` on logits ``100 * cos``). We compute it as ``sigmoid(LSE_k(cos_k / tau) - LSE_j(cos_j / tau))``
 (``LSE`` = logsumexp), which is the same quantity without forming the softmax.
 
-**Grouping strategy** (NegLabel paper, Sec. 3.3): split the ``M`` negative labels into ``ngroup``
+**Grouping strategy** (the paper's grouping of negative labels): split the ``M`` negative labels into ``ngroup``
 groups, compute ``S`` with each group's negatives only and average the ``ngroup`` scores. The code
 (``ScalableClassifier.grouping``): drop the last ``M mod ngroup`` negatives of the bank (the
 highest-quantile adjectives), permute the rest with ``torch.randperm`` after
@@ -37,7 +37,7 @@ highest-quantile adjectives), permute the rest with ``torch.randperm`` after
 consecutive groups; ``ngroup = 100``. (With ``ngroup <= 1`` the NegLabel code sums the logits without
 the softmax -- not the paper's score; CSP's code fixed it; we compute the paper's score.)
 
-**CSP** ("conjugated semantic pool"; CSP paper Sec. 3; code as above): the same NegMining and score
+**CSP** (the CSP paper's "conjugated semantic pool"; code as above): the same NegMining and score
 (``ratio 0.15``, ``percentile 0.95``, ``ngroup 100``, ``tau 0.01``) on another candidate bank:
 nouns from NegLabel's lists without ``noun.person``, ``noun.quantity``, ``noun.group``; each noun is
 the mean of the raw text features of 8 prompts (``CSP_NOUN_TEMPLATES``), then normalised; the
