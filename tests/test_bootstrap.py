@@ -121,7 +121,8 @@ def test_bootstrap_runs_combines_images_and_seeds():
 def test_run_folders_and_percent(tmp_path):
     for r in (1, 2):
         id_s, sets = _data("ties", seed=r)
-        arrays = {"id_labels": np.zeros(id_s.size, dtype=np.int64), "id_predictions": np.zeros(id_s.size, dtype=np.int64),
+        zeros = np.zeros(id_s.size, dtype=np.int64)
+        arrays = {"id_labels": zeros, "id_predictions": zeros,
                   "ID/MCM": id_s, "ID/GL-MCM": id_s * 2}
         for name, v in sets.items():
             arrays[f"{name}/MCM"], arrays[f"{name}/GL-MCM"] = v, v * 2

@@ -78,7 +78,8 @@ def test_neglabel_folder_sorted_dedup_and_exclude(tmp_path):
     # sorted names: adj.all, adj.pert, noun.Tops, noun.plant ('T' < 'p'); first occurrence wins
     assert list(lex.words) == ["light", "gigantic", "solar", "entity", "oak", "moss"]
     assert list(lex.pos) == ["adj", "adj", "adj", "noun", "noun", "noun"]
-    assert [os.path.basename(f) for f in lex.files] == ["adj.all.txt", "adj.pert.txt", "noun.Tops.txt", "noun.plant.txt"]
+    assert [os.path.basename(f) for f in lex.files] == ["adj.all.txt", "adj.pert.txt", "noun.Tops.txt",
+                                                        "noun.plant.txt"]
     csp_like = read_lexicon(tmp_path / "txtfiles", exclude=["adj.pert.txt"])
     assert "solar" not in csp_like.words and len(csp_like) == 5
     with pytest.raises(ValueError, match="adj.missing.txt"):

@@ -112,7 +112,8 @@ def test_grouped_score_matches_reference_loop(num_neg, ngroup):
 
 def test_params_recipes_and_validation():
     p = NegLabelParams()
-    assert (p.ratio, p.percentile, p.ngroup, p.group_seed, p.temperature, p.exclude_above) == (0.15, 0.95, 100, 0, 0.01, None)
+    assert (p.ratio, p.percentile, p.ngroup, p.group_seed, p.temperature, p.exclude_above) == \
+        (0.15, 0.95, 100, 0, 0.01, None)
     assert p.noun_templates == ("the nice {}",) and p.adj_templates == ("This is a {} photo",)
     c = NegLabelParams.for_recipe("csp")
     assert c.exclude_above == 0.95 and c.noun_templates == CSP_NOUN_TEMPLATES and len(c.adj_modifiers) == 14
@@ -148,7 +149,8 @@ def test_csp_candidate_prompts_follow_its_draws(tmp_path):
     assert prompts[labels.index("oak")] == ["the nice oak"]
     assert prompts[labels.index("wooden")] == ["This is a wooden photo"]
     with pytest.raises(ValueError, match="excludes"):
-        candidate_prompts(read_lexicon(_lexicon_dir(tmp_path / "b", with_person=True)), NegLabelParams.for_recipe("csp"))
+        candidate_prompts(read_lexicon(_lexicon_dir(tmp_path / "b", with_person=True)),
+                          NegLabelParams.for_recipe("csp"))
 
 
 @pytest.fixture(scope="module")
@@ -235,7 +237,8 @@ def test_corrupt_cache_is_rebuilt_and_score_end_to_end(tiny_model, tmp_path):
     rebuilt = build_negative_bank(tiny_model, ids, lex, params, cache_dir=cache, device="cpu", verbose=False)
     assert rebuilt.labels == bank.labels and torch.allclose(rebuilt.features, bank.features)
 
-    img = torch.nn.functional.normalize(torch.randn(5, ids.shape[1], generator=torch.Generator().manual_seed(0)), dim=-1)
+    gen = torch.Generator().manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(5, ids.shape[1], generator=gen), dim=-1)
     id_cos, neg_cos = img @ ids.t(), img @ bank.features.t()
     got = score_from_stats(SimpleNamespace(global_cos=id_cos, neg_cos=neg_cos, neg_bank=bank))
     # numpy twin of the grouped score
@@ -246,11 +249,14 @@ def test_corrupt_cache_is_rebuilt_and_score_end_to_end(tiny_model, tmp_path):
         per_group.append(ea.sum(1) / (ea.sum(1) + eb.sum(1)))
     assert np.allclose(got.numpy(), np.mean(per_group, axis=0), rtol=1e-5, atol=1e-7)
     assert torch.equal(bank.score(id_cos, neg_cos), got)
+    own = score_from_stats(SimpleNamespace(global_cos=torch.zeros_like(id_cos), neg_id_cos=id_cos, neg_cos=neg_cos,
+                                           neg_bank=bank))
+    assert torch.equal(own, got)  # the recipe's own ID cosines take precedence over the trainer's
     # streamed FeatureSet batches (as the runner or the feature cache yields them), small chunks
     from locoop.ood.features import FeatureSet
 
-    batches = [FeatureSet(img[:3], None, torch.full((3,), -1), ["a"] * 3), FeatureSet(img[3:], None, torch.full((2,), -1),
-                                                                                   ["b"] * 2)]
+    batches = [FeatureSet(img[:3], None, torch.full((3,), -1), ["a"] * 3),
+               FeatureSet(img[3:], None, torch.full((2,), -1), ["b"] * 2)]
     streamed = score_feature_batches(batches, ids, bank, chunk_elements=2 * (ids.shape[0] + len(bank)))
     assert torch.allclose(streamed, got, atol=1e-6)
 

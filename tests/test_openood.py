@@ -252,9 +252,11 @@ def test_neglabel_on_generated_openood_lists(tmp_path, tiny_vit_path):
                                cache_dir=tmp_path / "cache", device="cpu", verbose=False)
     scores = {}
     for name, items in sets.items():
-        feats = extract_features(model, build_data_loader(items, 4, preprocess, is_train=False), "cpu", with_local=False)
+        loader = build_data_loader(items, 4, preprocess, is_train=False)
+        feats = extract_features(model, loader, "cpu", with_local=False)
         scores[name] = score_feature_batches([feats], id_text, bank).numpy()
         assert scores[name].shape == (len(items),) and np.all((scores[name] > 0) & (scores[name] < 1))
-    results = {"NegLabel": {n: ood_metrics(scores["ID"], v, include_openood=True) for n, v in scores.items() if n != "ID"}}
+    results = {"NegLabel": {n: ood_metrics(scores["ID"], v, include_openood=True)
+                            for n, v in scores.items() if n != "ID"}}
     md = format_grouped_markdown(results, OPENOOD_V15_IMAGENET.groups())
     assert "**Near-OOD**" in md and "**Far-OOD**" in md and "AUPR-Out" in md

@@ -46,14 +46,15 @@ def _check_list(report: CheckReport, section: str, root: str, image_list: ImageL
     group = {"id": "ID", "near": "near-OOD", "far": "far-OOD"}[image_list.group]
     if missing:
         folder = os.path.relpath(base, root)
-        report.add("error", section, f"{image_list.name} ({group}): {len(missing):,} of {len(paths):,} images listed in "
-                   f"{rel} are missing under {folder}/: {few(missing)}",
+        report.add("error", section, f"{image_list.name} ({group}): {len(missing):,} of {len(paths):,} images "
+                   f"listed in {rel} are missing under {folder}/: {few(missing)}",
                    f"put OpenOOD's {image_list.key} images under {os.path.join(base, '')} ({DOWNLOAD_HINT})")
     else:
         report.add("ok", section, f"{image_list.name} ({group}): {len(paths):,} images ({rel})")
     dup = [r for r, n in Counter(r for _, r, _ in lines).items() if n > 1]
     if dup:
-        report.add("warn", section, f"{image_list.name}: {len(dup)} images are listed more than once in {rel}: {few(dup)}",
+        report.add("warn", section,
+                   f"{image_list.name}: {len(dup)} images are listed more than once in {rel}: {few(dup)}",
                    "they are scored once per line, as OpenOOD does; remove the repeated lines to count them once")
     if image_list.group == "id" and num_classes is not None:
         bad = [f"line {n}: {lab!r}" for n, _, lab in lines if lab is None or not 0 <= lab < num_classes]

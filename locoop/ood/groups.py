@@ -87,7 +87,8 @@ def table_metrics(results: Results) -> List[str]:
     return openood if set(openood) <= keys else [k for k in ("fpr95", "auroc", "aupr") if k in keys]
 
 
-def format_grouped_markdown(results: Results, groups: Mapping[str, Sequence[str]], metrics: Optional[Sequence[str]] = None,
+def format_grouped_markdown(results: Results, groups: Mapping[str, Sequence[str]],
+                            metrics: Optional[Sequence[str]] = None,
                             id_accuracy: Optional[float] = None, title: str = "OOD detection results (near / far OOD)",
                             overall: bool = False) -> str:
     """Markdown tables per score, rows grouped near / far with their averages (bold), values in percent."""

@@ -243,7 +243,8 @@ def read_lexicon(path: PathLike, fmt: str = "auto", parts_of_speech: Sequence[st
                     add(w, part)
     elif fmt == "neglabel":
         if not os.path.isdir(p):
-            raise ValueError(f"the neglabel lexicon format is a folder of noun.*.txt / adj.*.txt files; {p} is a file.\n"
+            raise ValueError(f"the neglabel lexicon format is a folder of noun.*.txt / adj.*.txt files; "
+                             f"{p} is a file.\n"
                              f"{LEXICON_LAYOUTS}")
         names = _neglabel_files(p)
         missing = [e for e in exclude if e not in names]

@@ -219,8 +219,8 @@ def candidate_prompts(lexicon: Lexicon, params: NegLabelParams) -> Tuple[List[st
 
 
 @torch.no_grad()
-def encode_prompt_ensembles(clip_model: torch.nn.Module, ensembles: Sequence[Sequence[str]], device: Optional[Device] = None,
-                            batch_size: int = 1000, reduce_in_float32: bool = False,
+def encode_prompt_ensembles(clip_model: torch.nn.Module, ensembles: Sequence[Sequence[str]],
+                            device: Optional[Device] = None, batch_size: int = 1000, reduce_in_float32: bool = False,
                             progress: bool = False, desc: str = "text") -> torch.Tensor:
     """Normalised features ``[N, D]`` (float32, CPU) of N prompt ensembles: mean of raw features, then L2.
 
@@ -330,7 +330,8 @@ def select_negatives(quantiles: torch.Tensor, pos: Sequence[str], ratio: float =
     return torch.cat(keep) if keep else torch.empty(0, dtype=torch.long)
 
 
-def group_columns(num_negatives: int, ngroup: int = 100, seed: int = 0, device: Device = "cpu") -> Optional[torch.Tensor]:
+def group_columns(num_negatives: int, ngroup: int = 100, seed: int = 0,
+                  device: Device = "cpu") -> Optional[torch.Tensor]:
     """Columns of the negative bank in each group of the grouping strategy (``[ngroup, m]`` int64, CPU).
 
     The last ``num_negatives mod ngroup`` negatives are dropped, the rest permuted by
@@ -388,10 +389,14 @@ def neglabel_score(id_cos: torch.Tensor, neg_cos: torch.Tensor, temperature: flo
 
 
 def score_from_stats(stats: Any) -> torch.Tensor:
-    """Registered-score adapter: ``stats.global_cos`` ``[n, K]``, ``stats.neg_cos`` ``[n, M]``,
-    ``stats.neg_bank`` (a :class:`NegativeLabelBank`, for its temperature and groups)."""
+    """Registered-score adapter over a chunk of statistics: ``stats.neg_cos`` ``[n, M]`` (cosines to the
+    bank), ``stats.neg_bank`` (a :class:`NegativeLabelBank`: temperature, groups) and the ID cosines
+    ``stats.neg_id_cos`` ``[n, K]`` when the negative-label score uses its own ID prompts (the
+    recipe's, zero-shot), else ``stats.global_cos`` (the trainer's, e.g. LoCoOp's learned prompts)."""
     bank = stats.neg_bank
-    return neglabel_score(stats.global_cos, stats.neg_cos, bank.params.temperature, bank.groups)
+    id_cos = getattr(stats, "neg_id_cos", None)
+    id_cos = stats.global_cos if id_cos is None else id_cos
+    return neglabel_score(id_cos, stats.neg_cos, bank.params.temperature, bank.groups)
 
 
 @torch.no_grad()

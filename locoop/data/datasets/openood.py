@@ -128,7 +128,8 @@ class OpenOODBenchmark:
         return next(x for x in self.ood if x.name == display)
 
 
-def _lst(name: str, key: str, group: str, data_dir: str = "images_largescale/", fname: Optional[str] = None) -> ImageList:
+def _lst(name: str, key: str, group: str, data_dir: str = "images_largescale/",
+         fname: Optional[str] = None) -> ImageList:
     return ImageList(name, key, f"benchmark_imglist/imagenet/{fname or 'test_' + key + '.txt'}", data_dir, group)
 
 
@@ -185,7 +186,8 @@ def parse_imglist(path: str) -> List[Tuple[int, str, Optional[int]]]:
             try:
                 value = ast.literal_eval(extra)
             except (ValueError, SyntaxError):
-                raise ValueError(f"{path}, line {lineno}: the label {extra!r} is neither an integer nor a dict") from None
+                raise ValueError(f"{path}, line {lineno}: the label {extra!r} is neither an integer nor a "
+                                 "dict") from None
             if isinstance(value, bool) or not isinstance(value, (int, dict)):
                 raise ValueError(f"{path}, line {lineno}: the label {extra!r} is neither an integer nor a dict")
             out.append((lineno, rel, value if isinstance(value, int) else None))
