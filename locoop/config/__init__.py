@@ -381,10 +381,11 @@ def cfg_to_dict(cfg: CfgNode) -> dict:
 
 
 def dump_cfg(cfg: CfgNode, path: str) -> str:
-    """Write the resolved config as YAML (loadable again with :func:`load_cfg`)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        yaml.safe_dump(cfg_to_dict(cfg), f, sort_keys=False, default_flow_style=None)
+    """Write the resolved config as YAML (loadable again with :func:`load_cfg`), atomically."""
+    from locoop.engine.fileio import atomic_write_text
+
+    text = yaml.safe_dump(cfg_to_dict(cfg), sort_keys=False, default_flow_style=None)
+    atomic_write_text(path, text)
     return path
 
 

@@ -12,7 +12,6 @@ contiguous shards whose outputs the trainer gathers.
 """
 from __future__ import annotations
 
-import random
 import warnings
 from typing import Callable, Optional, Sequence
 
@@ -23,6 +22,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from ..engine import dist
 from ..engine.registry import DATASET_REGISTRY
+from ..engine.seed import seed_worker
 from .datum import DatasetBase, Datum
 from .image_io import CorruptImageWarning, DatasetWrapper, collate_skipping
 from .transforms import build_transform
@@ -118,13 +118,6 @@ class SkippingDataLoader(DataLoader):
             yield batch
 
 
-def seed_worker(worker_id: int) -> None:
-    """Seed Python's and NumPy's generators in a worker from its torch seed (set by the loader)."""
-    seed = torch.initial_seed() % 2**32
-    random.seed(seed)
-    np.random.seed(seed)
-
-
 def build_data_loader(
     data_source: Sequence[Datum],
     batch_size: int,
@@ -203,6 +196,24 @@ def build_data_loader(
     )
 
 
+def list_datasets() -> list:
+    """Names of the registered datasets (importing the built-in ones)."""
+    from . import datasets  # noqa: F401  (registers the built-in datasets)
+
+    return DATASET_REGISTRY.registered_names()
+
+
+def get_dataset_class(name: str) -> type:
+    """The dataset class registered as ``name``.
+
+    Raises:
+        RegistryError (a KeyError and a ValueError): unknown name, naming the closest and all datasets.
+    """
+    from . import datasets  # noqa: F401
+
+    return DATASET_REGISTRY.get(name)
+
+
 def build_dataset(cfg, need_train: Optional[bool] = None) -> DatasetBase:
     """Instantiate the dataset named by ``cfg.DATASET.NAME`` from ``DATASET_REGISTRY``.
 
@@ -212,15 +223,13 @@ def build_dataset(cfg, need_train: Optional[bool] = None) -> DatasetBase:
             folder is neither required nor read).
 
     Raises:
-        ValueError: empty ``DATASET.NAME``; KeyError: unknown name (lists the registered ones).
+        ValueError: empty ``DATASET.NAME``; RegistryError: unknown name (lists the registered ones).
     """
-    from . import datasets  # noqa: F401  (registers the built-in datasets)
-
     name = cfg.DATASET.NAME
     if not name:
-        raise ValueError(f"DATASET.NAME is empty; set it to one of {DATASET_REGISTRY.registered_names()} "
+        raise ValueError(f"DATASET.NAME is empty; set it to one of {list_datasets()} "
                          "(e.g. with --dataset-config-file configs/datasets/imagenet.yaml)")
-    cls = DATASET_REGISTRY.get(name)
+    cls = get_dataset_class(name)
     if getattr(cfg, "VERBOSE", True):
         print(f"Loading dataset: {name}")
     return cls(cfg) if need_train is None else cls(cfg, need_train=need_train)
