@@ -251,24 +251,17 @@ def write_run_info(cfg: Any, trainer: Any, extra: Optional[Dict[str, Any]] = Non
     """
     import json
 
-    from locoop.config import cfg_to_dict, dump_cfg
-    from locoop.engine.fileio import atomic_write_text
-
+    from locoop.config import dump_cfg
     from locoop.engine import dist
+    from locoop.engine.fileio import atomic_write_text
+    from locoop.engine.provenance import run_provenance
 
     out = cfg.OUTPUT_DIR
     if not dist.is_main_process():  # under torchrun rank 0 writes; others would race on the same temp name
         return os.path.join(out, RUN_INFO)
     os.makedirs(out, exist_ok=True)
     dump_cfg(cfg, os.path.join(out, "config.yaml"))
-    ds = getattr(getattr(trainer, "dm", None), "dataset", None)
-    info: Dict[str, Any] = {"trainer": cfg.TRAINER.NAME, "backbone": cfg.MODEL.BACKBONE.NAME, "seed": cfg.SEED}
-    for key in ("classnames_file", "classnames_hash", "split_file", "split_hash", "val_split_file", "val_split_hash"):
-        value = getattr(ds, key, None) if ds is not None else None
-        if value is not None:
-            info[key] = value
-    info.update(extra or {})
-    info["config"] = cfg_to_dict(cfg)
+    info = run_provenance(cfg, getattr(getattr(trainer, "dm", None), "dataset", None), extra)
     return str(atomic_write_text(os.path.join(out, RUN_INFO), json.dumps(info, indent=2, default=str)))
 
 

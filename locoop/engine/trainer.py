@@ -50,6 +50,7 @@ from . import dist
 from .checkpoint import check_trainer, latest_checkpoint, load_checkpoint, resume_from_checkpoint, save_checkpoint
 from .evaluator import build_evaluator as _build_evaluator
 from .logger import AverageMeter, MetricMeter, setup_logger
+from .precision import grad_scaler
 from .seed import epoch_seed, get_rng_states
 
 __all__ = ["TrainerBase", "SimpleTrainer", "TrainerX", "select_device"]
@@ -135,9 +136,10 @@ class TrainerBase:
         return names
 
     def init_amp_scaler(self, enabled: bool = True) -> None:
-        """Create a GradScaler for mixed precision on CUDA (a no-op on CPU, which needs none)."""
+        """Create a GradScaler for mixed precision on CUDA (none on a CPU, unless the fp16-on-CPU test
+        mode of :mod:`locoop.engine.precision` is on)."""
         device = getattr(self, "device", torch.device("cpu"))
-        self.scaler = torch.amp.GradScaler(device.type) if enabled and device.type == "cuda" else None
+        self.scaler = grad_scaler(device, enabled)
 
     # ------------------------------------------------------------------ checkpoints
     def save_model(self, epoch: int, directory: str, is_best: bool = False, val_result: Optional[float] = None,
