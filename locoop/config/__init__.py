@@ -73,20 +73,6 @@ CLI_FLAG_KEYS: dict[str, str] = {
     "device": "MODEL.DEVICE",
 }
 
-# Engine-level enumerations checked right after merging, so a typo fails before any heavy work.
-_CHOICES: dict[str, tuple[str, ...]] = {
-    "OPTIM.NAME": ("sgd", "adam", "adamw"),
-    "OPTIM.LR_SCHEDULER": ("single_step", "multi_step", "cosine"),
-    "OPTIM.WARMUP_TYPE": ("constant", "linear"),
-    "TEST.FINAL_MODEL": ("last_step", "best_val"),
-    "TEST.SPLIT": ("test", "val"),
-    "INPUT.INTERPOLATION": ("bilinear", "bicubic", "nearest"),
-    "TRAINER.LOCOOP.PREC": ("fp16", "fp32", "amp"),
-    "TRAINER.LOCOOP.CLASS_TOKEN_POSITION": ("end", "middle", "front"),
-    "DATASET.SUBSAMPLE_CLASSES": ("all", "base", "new"),
-}
-
-
 # ----------------------------------------------------------------------------- key helpers
 def all_keys(cfg: CfgNode, prefix: str = "") -> list[str]:
     """List every leaf key of ``cfg`` as a dotted path (``"OPTIM.LR"``)."""
@@ -302,35 +288,15 @@ def merge_cfg(cfg: CfgNode, dataset_config_file: Optional[str] = None, config_fi
     return cfg
 
 
-def _lookup(cfg: CfgNode, full_key: str) -> Any:
-    node: Any = cfg
-    for part in full_key.split("."):
-        node = node[part]
-    return node
-
-
 def validate_cfg(cfg: CfgNode) -> None:
-    """Check enumerated engine keys (optimiser, scheduler, ...) against their valid choices.
+    """Check every constrained value (choices, ranges) of every section: see :mod:`locoop.config.checks`.
 
     Raises:
-        ConfigError: naming the key, the bad value and the valid choices.
+        ConfigError: naming the key, the bad value and the valid choices or range.
     """
-    for key, choices in _CHOICES.items():
-        try:
-            value = _lookup(cfg, key)
-        except KeyError:
-            continue
-        if value not in choices:
-            close = difflib.get_close_matches(str(value), choices, n=1)
-            hint = f" Did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(f"{key} = {value!r} is not valid; choose one of {list(choices)}.{hint}")
-    shots = _lookup(cfg, "DATASET.NUM_SHOTS")
-    if shots < -1:
-        raise ConfigError(f"DATASET.NUM_SHOTS = {shots} is not valid; use -1 (all images) or K >= 1.")
-    if cfg.OPTIM.MAX_EPOCH < 0:
-        raise ConfigError(f"OPTIM.MAX_EPOCH = {cfg.OPTIM.MAX_EPOCH} must be >= 0.")
-    if cfg.TRAIN.PRINT_FREQ < 1:
-        raise ConfigError(f"TRAIN.PRINT_FREQ = {cfg.TRAIN.PRINT_FREQ} must be >= 1.")
+    from .checks import validate_cfg as _validate
+
+    _validate(cfg)
 
 
 def setup_cfg(args: Any, flag_keys: Optional[Mapping[str, str]] = None, freeze: bool = True) -> CfgNode:

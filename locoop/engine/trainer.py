@@ -458,8 +458,21 @@ class SimpleTrainer(TrainerBase):
                   f"global batch {b * w} = {b} per process x {w}")
         self.build_evaluator()
 
+    #: Config sections this trainer reads; their rules (:mod:`locoop.config.checks`), required keys
+    #: included, run when the trainer is created, before any data or model is loaded.
+    CFG_SECTIONS: tuple = ()
+
     def check_cfg(self, cfg: Any) -> None:
-        """Check trainer-specific settings (optional); raise a clear error on a bad value."""
+        """Check the settings before anything is built: the rules of :attr:`CFG_SECTIONS`.
+
+        Override only for a check that no config section can state (and call ``super()``).
+
+        Raises:
+            ConfigError (a ValueError): the key, the bad value and what is valid.
+        """
+        from locoop.config.checks import check_sections
+
+        check_sections(cfg, ("ENGINE",) + tuple(self.CFG_SECTIONS))
 
     def build_data_loader(self) -> None:
         """Create ``self.dm`` and the loaders with :class:`locoop.data.DataManager`.

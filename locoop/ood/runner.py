@@ -19,7 +19,6 @@ are gathered in rank order (= data order), so each image is scored once; rank 0 
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +39,6 @@ __all__ = ["run_ood_benchmark", "check_benchmark_inputs", "benchmark_precision",
 
 SCORES_NPZ = "ood_scores.npz"  # raw per-image scores, to recompute metrics without the model
 PLOTS_DIR = "plots"  # histograms of ID vs OOD scores per score and OOD set
-FPR_CONVENTIONS = ("mcm", "openood")
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
@@ -64,23 +62,17 @@ def check_benchmark_inputs(cfg: Any) -> Dict[str, Any]:
         ValueError: unknown score or OOD set, bad temperature or convention, empty lists.
         FileNotFoundError: OOD folders missing.
     """
+    from locoop.config.checks import check_sections
     from locoop.data.datasets.ood import check_ood_folders
     from locoop.ood.scores import get_score, resolve_score_names
 
+    check_sections(cfg, ("OOD",))  # T, FPR convention, cache dtype (declared with the config)
     names = list(cfg.OOD.SCORES)
     if not names:
         raise ValueError("OOD.SCORES is empty; list at least one score, e.g. OOD.SCORES \"['MCM', 'GL-MCM']\"")
     scores = resolve_score_names(names, have_local=True)
-    try:
-        T = float(cfg.OOD.T)
-    except (TypeError, ValueError):
-        raise ValueError(f"OOD.T (--T) must be a number, got {cfg.OOD.T!r}") from None
-    if not (math.isfinite(T) and T > 0):
-        raise ValueError(f"OOD.T (--T) must be a finite number > 0, got {cfg.OOD.T!r}")
+    T = float(cfg.OOD.T)
     convention = str(cfg.OOD.FPR_CONVENTION).lower()
-    if convention not in FPR_CONVENTIONS:
-        raise ValueError(f"OOD.FPR_CONVENTION = {cfg.OOD.FPR_CONVENTION!r} is not valid; choose one of "
-                         f"{list(FPR_CONVENTIONS)}")
     sets = list(cfg.OOD.DATASETS)
     if not sets:
         raise ValueError("OOD.DATASETS is empty; list the OOD sets, e.g. OOD.DATASETS \"['iNaturalist', 'SUN']\"")

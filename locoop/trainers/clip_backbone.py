@@ -27,15 +27,12 @@ def backbone_name(cfg: Any) -> str:
     """``MODEL.BACKBONE.NAME``, checked to be set.
 
     Raises:
-        ValueError: empty name (lists the available model names).
+        ConfigError (a ValueError): empty name (lists the available model names).
     """
-    name = str(cfg.MODEL.BACKBONE.NAME or "").strip()
-    if not name:
-        import clip
+    from locoop.config.checks import check_sections
 
-        raise ValueError("MODEL.BACKBONE.NAME is empty: set it to a CLIP model name "
-                         f"({', '.join(clip.available_models())}) or the path of a checkpoint file/folder")
-    return name
+    check_sections(cfg, ("MODEL.BACKBONE",))
+    return str(cfg.MODEL.BACKBONE.NAME).strip()
 
 
 def load_clip_to_cpu(cfg: Any, download_root: Optional[str] = None) -> nn.Module:

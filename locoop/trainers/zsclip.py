@@ -1,7 +1,7 @@
 """Zero-shot CLIP: the prompt "a photo of a {}." per class, no training (MCM's setting)."""
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from locoop.engine.registry import TRAINER_REGISTRY
 from locoop.engine.trainer import TrainerX
 
-from .clip_backbone import PRECISIONS, load_clip
+from .clip_backbone import load_clip
 from .prompt_learner import zero_shot_text_features
 
 Tensor = torch.Tensor
@@ -28,11 +28,8 @@ class ZeroshotCLIP(TrainerX):
 
     template = ZS_TEMPLATE
 
-    def check_cfg(self, cfg: Any) -> None:
-        if cfg.TRAINER.LOCOOP.PREC not in PRECISIONS:
-            raise ValueError(f"TRAINER.LOCOOP.PREC must be one of {PRECISIONS}, got {cfg.TRAINER.LOCOOP.PREC!r}")
-        if not str(cfg.MODEL.BACKBONE.NAME or "").strip():
-            raise ValueError("MODEL.BACKBONE.NAME is empty: set a CLIP model name (e.g. ViT-B/16) or a checkpoint path")
+    #: Checked when the trainer is created (locoop/config/checks.py).
+    CFG_SECTIONS = ("MODEL.BACKBONE", "TRAINER.LOCOOP")
 
     def build_model(self) -> None:
         cfg = self.cfg
