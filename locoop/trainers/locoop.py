@@ -200,8 +200,9 @@ class LoCoOp(PromptTrainer):
             return self.model.text_features()
 
     def model_inference(self, input: Tensor) -> Tensor:
-        """Global logits ``[B, C]``."""
-        return self.model(input, return_local=False, text_features=self._eval_text_features)
+        """Global logits ``[B, C]`` (under the same autocast as ``text_features``: with ``amp`` both are fp16)."""
+        with self.autocast():
+            return self.model(input, return_local=False, text_features=self._eval_text_features)
 
 
 @TRAINER_REGISTRY.register("CoOp")
