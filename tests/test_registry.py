@@ -103,8 +103,19 @@ def test_every_registry_fails_the_same_way(registry, name, closest, lookup):
     assert closest in msg.split("valid ", 1)[1]  # the full list follows
 
 
-def test_global_registries_exist():
-    assert isinstance(TRAINER_REGISTRY, Registry) and isinstance(DATASET_REGISTRY, Registry)
+def test_one_registry_class_holds_every_kind_of_entry():
+    from clip.configs import CONFIGS
+    from locoop.data import list_datasets
+    from locoop.engine.evaluator import EVALUATOR_REGISTRY
+    from locoop.engine.registry import list_trainers
+    from locoop.ood.scores import SCORE_REGISTRY
+    from locoop.setar.searchers import SEARCHERS
+
+    registries = (TRAINER_REGISTRY, DATASET_REGISTRY, EVALUATOR_REGISTRY, SCORE_REGISTRY, SEARCHERS, CONFIGS)
+    assert all(type(r) is Registry for r in registries)
+    assert {"LoCoOp", "CoOp", "ZeroshotCLIP", "SeTARFT", "LoRA"} <= set(list_trainers())
+    assert list_datasets() == ["ImageNet", "PascalVOC"] and "Classification" in EVALUATOR_REGISTRY
+    assert "GL-MCM" in SCORE_REGISTRY and "visual_text" in SEARCHERS and "tiny-vit" in CONFIGS
 
 
 def test_build_trainer_errors():
