@@ -19,21 +19,16 @@ import torch.nn.functional as F
 import clip
 from clip.configs import get_config, list_tiny_models
 from clip.tiny import create_tiny_model
-from locoop.config import get_cfg_default
 from locoop.data.synthetic import make_imagenet_like
 from locoop.engine.registry import build_trainer, get_trainer_class, list_trainers
 from locoop.ood.scores import compute_scores, get_score, list_scores
 from locoop.setar.searchers import build_steps, get_searcher, list_searchers
+from tiny_setup import tiny_trainer_cfg
 
 NUM_CLASSES = 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------ tiny models
@@ -166,8 +161,7 @@ def backbone(tmp_path_factory):
 
 
 # What a trainer needs beyond the common tiny config (a new trainer adds its entry here if it needs one).
-EXTRA_KEYS = {"SeTARFT": lambda root: {"SETAR.SETTINGS_FILE": str(root / "settings.json"), "SETAR.FT.TOPK": 2}}
-EXTRA_KEYS["LoRA"] = lambda root: {"SETAR.FT.TOPK": 2, "SETAR.FT.LORA_RANK": 2}
+EXTRA_KEYS = {"SeTARFT": lambda root: {"SETAR.SETTINGS_FILE": str(root / "settings.json")}}
 
 
 def _library_trainers():
@@ -175,21 +169,8 @@ def _library_trainers():
 
 
 def _cfg(root, backbone, out, name):
-    cfg = get_cfg_default()
-    cfg.SEED, cfg.VERBOSE, cfg.OUTPUT_DIR = 1, False, str(out)
-    cfg.MODEL.DEVICE, cfg.MODEL.BACKBONE.NAME, cfg.TRAINER.NAME = "cpu", backbone, name
-    cfg.DATASET.ROOT, cfg.DATASET.NAME, cfg.DATASET.NUM_SHOTS = str(root), "ImageNet", 2
-    cfg.INPUT.SIZE, cfg.INPUT.TRANSFORMS = (32, 32), ["normalize"]
-    cfg.DATALOADER.NUM_WORKERS, cfg.DATALOADER.TRAIN_X.BATCH_SIZE = 0, 4
-    cfg.OPTIM.NAME, cfg.OPTIM.MAX_EPOCH, cfg.TEST.NO_TEST = "sgd", 1, True
-    cfg.TRAINER.LOCOOP.N_CTX, cfg.TRAINER.LOCOOP.TOPK = 4, 2
-    for key, value in EXTRA_KEYS.get(name, lambda r: {})(root).items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return cfg
+    return tiny_trainer_cfg(root, backbone, out, name, **{"DATASET.NUM_SHOTS": 2,
+                                                           **EXTRA_KEYS.get(name, lambda r: {})(root)})
 
 
 def test_the_library_trainers_are_all_covered():

@@ -19,24 +19,17 @@ import torch.nn.functional as F
 
 import clip
 from clip.tiny import create_tiny_model, make_tiny_checkpoint
-from locoop.config import get_cfg_default
 from locoop.data.synthetic import make_imagenet_like, make_ood_sets
 from locoop.engine.precision import HALF_ON_CPU_ENV, autocast, grad_scaler, half_on_cpu, resolve_precision
 from locoop.engine.registry import build_trainer
+from tiny_setup import tiny_trainer_cfg
 
 FP16_RTOL = 2e-2
 NUM_CLASSES = 4
 OOD_SETS = ["iNaturalist", "Texture"]
-MEAN = [0.48145466, 0.4578275, 0.40821073]
-STD = [0.26862954, 0.26130258, 0.27577711]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
@@ -60,41 +53,10 @@ def backbones(tmp_path_factory):
 
 
 def _cfg(root, backbone, out, trainer="LoCoOp", prec="fp32", size=32, **extra):
-    cfg = get_cfg_default()
-    cfg.SEED = 1
-    cfg.VERBOSE = False
-    cfg.OUTPUT_DIR = str(out)
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.BACKBONE.NAME = backbone
-    cfg.TRAINER.NAME = trainer
-    cfg.DATASET.ROOT = str(root)
-    cfg.DATASET.NAME = "ImageNet"
-    cfg.DATASET.NUM_SHOTS = 4
-    cfg.INPUT.SIZE = (size, size)
-    cfg.INPUT.TRANSFORMS = ["normalize"]
-    cfg.INPUT.PIXEL_MEAN = MEAN
-    cfg.INPUT.PIXEL_STD = STD
-    cfg.DATALOADER.NUM_WORKERS = 0
-    cfg.DATALOADER.TRAIN_X.BATCH_SIZE = 4
-    cfg.DATALOADER.TEST.BATCH_SIZE = 4
-    cfg.OPTIM.NAME = "sgd"
-    cfg.OPTIM.LR = 0.002
-    cfg.OPTIM.MAX_EPOCH = 1
-    cfg.OPTIM.LR_SCHEDULER = "cosine"
-    cfg.TEST.NO_TEST = False  # the final test runs too
-    cfg.TRAINER.LOCOOP.N_CTX = 4
-    cfg.TRAINER.LOCOOP.TOPK = 2
-    cfg.TRAINER.LOCOOP.PREC = prec
-    cfg.OOD.DATASETS = list(OOD_SETS)
-    cfg.OOD.PLOT = False
-    cfg.OOD.USE_CACHE = False
-    for key, value in extra.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return cfg
+    return tiny_trainer_cfg(root, backbone, out, trainer, size, **{
+        "TEST.NO_TEST": False,  # the final test runs too
+        "TRAINER.LOCOOP.PREC": prec, "OOD.DATASETS": list(OOD_SETS), "OOD.PLOT": False, "OOD.USE_CACHE": False,
+        **extra})
 
 
 def _first_step(trainer):

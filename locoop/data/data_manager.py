@@ -196,6 +196,23 @@ def build_data_loader(
     )
 
 
+def build_eval_loader(cfg, items: Sequence[Datum], tfm: Optional[Callable], indices: Optional[Sequence[int]] = None,
+                      shuffle: bool = False, seed: Optional[int] = 0) -> SkippingDataLoader:
+    """The evaluation loader of ``items``: every consumer of test or validation images uses this one.
+
+    Args:
+        cfg: ``DATALOADER.TEST.BATCH_SIZE``, ``DATALOADER.NUM_WORKERS``, ``DATASET.STRICT``.
+        items: the images, in order.
+        tfm: the test transform.
+        indices: restrict to these positions (a rank's shard, or a cache part), in order.
+        shuffle: ``DATALOADER.TEST.SAMPLER RandomSampler`` (the trainers' loaders honour it).
+        seed: the loader seed (test transforms draw nothing; it seeds the workers).
+    """
+    return build_data_loader(items, int(cfg.DATALOADER.TEST.BATCH_SIZE), tfm, is_train=False,
+                             num_workers=int(cfg.DATALOADER.NUM_WORKERS), seed=seed,
+                             strict=bool(cfg.DATASET.STRICT), shuffle=shuffle, sampler=indices)
+
+
 def list_datasets() -> list:
     """Names of the registered datasets (importing the built-in ones)."""
     from . import datasets  # noqa: F401  (registers the built-in datasets)
@@ -277,8 +294,7 @@ class DataManager:
                 return None
             # Distributed: a contiguous shard per rank; SimpleTrainer.test gathers the outputs in order.
             shard = dist.shard_indices(len(items), align=test_bs) if dist.is_distributed() else None
-            return build_data_loader(items, test_bs, self.tfm_test, is_train=False, num_workers=workers,
-                                     seed=seed, strict=strict, shuffle=shuffle_test, sampler=shard)
+            return build_eval_loader(cfg, items, self.tfm_test, shard, shuffle=shuffle_test, seed=seed)
 
         self.train_loader_x = None
         if dataset.train_x:

@@ -84,12 +84,14 @@ def check_benchmark_inputs(cfg: Any) -> Dict[str, Any]:
 
 
 def eval_loader(cfg: Any, items: Sequence, tfm: Any, indices: Optional[Sequence[int]] = None):
-    """The evaluation loader of ``items`` (in order), restricted to ``indices`` when given (a shard)."""
-    from locoop.data import build_data_loader
+    """The evaluation loader of ``items`` (in order), restricted to ``indices`` when given (a shard).
 
-    return build_data_loader(items, int(cfg.DATALOADER.TEST.BATCH_SIZE), tfm, is_train=False,
-                             num_workers=int(cfg.DATALOADER.NUM_WORKERS), seed=0,
-                             strict=bool(cfg.DATASET.STRICT), shuffle=False, sampler=indices)
+    :func:`locoop.data.build_eval_loader`, the one evaluation-loader builder, under the name the
+    benchmark and the feature cache have always used.
+    """
+    from locoop.data import build_eval_loader
+
+    return build_eval_loader(cfg, items, tfm, indices)
 
 
 def benchmark_precision(cfg: Any, precision: Optional[str] = None) -> str:
