@@ -9,7 +9,10 @@ Differences from plain yacs merging, all in the user's favour:
 - an unknown key fails with the key, where it came from, and the closest valid keys;
 - a value of the wrong type fails naming the key, the expected type and an example;
 - an int is accepted where a float is expected (yacs refuses ``OPTIM.LR 1``), lists and tuples
-  are interchangeable, and ``true``/``false`` are accepted for booleans in opts.
+  are interchangeable, and ``true``/``false`` are accepted for booleans in opts;
+- every constrained value is checked once the config is built (:mod:`locoop.config.checks`).
+
+How to add a key or a check: docs/ARCHITECTURE.md, "Configuration".
 """
 from __future__ import annotations
 

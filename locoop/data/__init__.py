@@ -1,6 +1,7 @@
 """Data layer: items, datasets in the papers' folder layouts, few-shot splits, transforms, loaders.
 
-See data/README.md for the expected folder layouts and ``python -m locoop check-data``.
+See data/README.md for the expected folder layouts and ``python -m locoop check-data``, and
+docs/ARCHITECTURE.md for where the data layer sits.
 """
 from .classnames import ClassNames, read_classnames_file, sha256_file
 from .data_manager import (DataManager, SkippingDataLoader, build_data_loader, build_dataset, build_eval_loader,

@@ -28,6 +28,8 @@ changing the number of processes). A loss that is a mean over the batch equals i
 value with the global batch (CoOp's cross-entropy); a mean over a data-dependent subset (LoCoOp's
 entropy over the selected patches) becomes the average of per-rank means, exactly as under DDP. Validation/test loaders are sharded and the outputs gathered,
 so every image is evaluated once. Only rank 0 logs, shows progress bars and writes checkpoints.
+
+How to add a trainer: docs/ARCHITECTURE.md, "How to add ...".
 """
 from __future__ import annotations
 

@@ -16,6 +16,9 @@ weights, hence another key, and is encoded as usual.
 
 Distributed (torchrun): each rank encodes and scores a contiguous shard of every set; the scores
 are gathered in rank order (= data order), so each image is scored once; rank 0 writes the files.
+
+The steps of :func:`run_ood_benchmark` (checks, one pass per set, records, files) are described in
+docs/ARCHITECTURE.md, "Data flow of the commands".
 """
 from __future__ import annotations
 
