@@ -6,7 +6,8 @@ free parameters: OpenAI's checkpoints imply ``width // 64`` heads (``width * 32 
 ResNet attention pool), so every config here keeps to that rule.
 
 Tiny models (for tests and demos, random weights only) are registered with
-:func:`register_tiny_model` and listed by :func:`list_tiny_models`.
+:func:`register_tiny_model` (into :data:`CONFIGS`, the one registry of architectures) and listed by
+:func:`list_tiny_models`; :func:`clip.tiny.create_tiny_model` builds one with random weights.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
+
+from .registry import Registry
 
 VisionLayers = Union[int, tuple[int, int, int, int]]
 
@@ -108,34 +111,34 @@ class CLIPConfig:
         return kwargs
 
 
-_OPENAI: dict[str, CLIPConfig] = {
-    c.name: c
-    for c in [
-        CLIPConfig("RN50", 1024, 224, (3, 4, 6, 3), 64, None, 512, 12),
-        CLIPConfig("RN101", 512, 224, (3, 4, 23, 3), 64, None, 512, 12),
-        CLIPConfig("RN50x4", 640, 288, (4, 6, 10, 6), 80, None, 640, 12),
-        CLIPConfig("RN50x16", 768, 384, (6, 8, 18, 8), 96, None, 768, 12),
-        CLIPConfig("RN50x64", 1024, 448, (3, 15, 36, 10), 128, None, 1024, 12),
-        CLIPConfig("ViT-B/32", 512, 224, 12, 768, 32, 512, 12),
-        CLIPConfig("ViT-B/16", 512, 224, 12, 768, 16, 512, 12),
-        CLIPConfig("ViT-L/14", 768, 224, 24, 1024, 14, 768, 12),
-        CLIPConfig("ViT-L/14@336px", 768, 336, 24, 1024, 14, 768, 12),
-    ]
-}
-
-_TINY: dict[str, CLIPConfig] = {}
+#: Every architecture by name: OpenAI's released models, then the registered tiny test models.
+CONFIGS = Registry("CLIP_CONFIG", kind="CLIP architecture", plural="architectures")
+for _c in [
+    CLIPConfig("RN50", 1024, 224, (3, 4, 6, 3), 64, None, 512, 12),
+    CLIPConfig("RN101", 512, 224, (3, 4, 23, 3), 64, None, 512, 12),
+    CLIPConfig("RN50x4", 640, 288, (4, 6, 10, 6), 80, None, 640, 12),
+    CLIPConfig("RN50x16", 768, 384, (6, 8, 18, 8), 96, None, 768, 12),
+    CLIPConfig("RN50x64", 1024, 448, (3, 15, 36, 10), 128, None, 1024, 12),
+    CLIPConfig("ViT-B/32", 512, 224, 12, 768, 32, 512, 12),
+    CLIPConfig("ViT-B/16", 512, 224, 12, 768, 16, 512, 12),
+    CLIPConfig("ViT-L/14", 768, 224, 24, 1024, 14, 768, 12),
+    CLIPConfig("ViT-L/14@336px", 768, 336, 24, 1024, 14, 768, 12),
+]:
+    CONFIGS.register(_c, name=_c.name)
+del _c
+_OPENAI_NAMES = tuple(CONFIGS.registered_names())
 
 
 def register_tiny_model(fn: Callable[[], CLIPConfig]) -> Callable[[], CLIPConfig]:
     """Decorator registering a function that returns a tiny test config under the config's name.
 
+    Every registered tiny model is covered by the contract tests (forward, backward, no NaN).
+
     Raises:
-        ValueError: the name is taken (by an OpenAI model or another tiny model).
+        RegistryError: the name is taken (by an OpenAI model or another tiny model).
     """
     config = fn()
-    if config.name in _OPENAI or config.name in _TINY:
-        raise ValueError(f"model name {config.name!r} is already registered")
-    _TINY[config.name] = config
+    CONFIGS.register(config, name=config.name)
     return fn
 
 
@@ -169,12 +172,12 @@ def tiny_rn() -> CLIPConfig:
 
 def list_openai_models() -> list[str]:
     """Names of OpenAI's released CLIP architectures."""
-    return list(_OPENAI)
+    return list(_OPENAI_NAMES)
 
 
 def list_tiny_models() -> list[str]:
     """Names of the registered tiny test architectures."""
-    return sorted(_TINY)
+    return sorted(CONFIGS.list(lambda name, _: name not in _OPENAI_NAMES))
 
 
 def list_models() -> list[str]:
@@ -186,12 +189,8 @@ def get_config(name: Union[str, CLIPConfig]) -> CLIPConfig:
     """The config of a model name (a config is returned as is).
 
     Raises:
-        ValueError: unknown name, listing the valid ones.
+        RegistryError (a ValueError): unknown name, naming the closest and all valid ones.
     """
     if isinstance(name, CLIPConfig):
         return name
-    if name in _OPENAI:
-        return _OPENAI[name]
-    if name in _TINY:
-        return _TINY[name]
-    raise ValueError(f"unknown CLIP architecture {name!r}; valid names: {', '.join(list_models())}")
+    return CONFIGS.get(name)

@@ -12,7 +12,7 @@ differences in the module layout:
 So every weight matrix SeTAR edits or a LoRA library targets is one ``nn.Linear``, and the
 local-feature path runs through the very same modules.
 
-Local features (LoCoOp, DESIGN.md section 4). ViT: in the *last* block only, the "value
+Local features (LoCoOp; docs/ARCHITECTURE.md, "Where each idea lives"). ViT: in the *last* block only, the "value
 path" ``y = x + out_proj(v_proj(ln_1(x))); y = y + mlp(ln_2(y))`` is applied to the patch
 tokens of the block input, then ``ln_post`` and the projection. ModifiedResNet: each
 position of the final feature map through the attention pool's ``v_proj`` then ``c_proj``.

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tempfile
 import urllib.error
 import urllib.request
 import warnings
@@ -28,6 +27,8 @@ from urllib.parse import urlparse
 
 import torch
 from tqdm import tqdm
+
+from .fileio import atomic_write
 
 Tensor = torch.Tensor
 PathLike = Union[str, os.PathLike]
@@ -102,10 +103,11 @@ def download(
 ) -> str:
     """Download ``url`` into directory ``root`` unless a verified copy is already there.
 
-    The file is streamed to a temporary ``<file>.<random>.part`` next to the target, its SHA256
-    checked, then renamed into place, so neither an interrupted download (any exception, including
-    KeyboardInterrupt) nor a corrupt one leaves a file under the final name. A unique part name
-    lets several processes (e.g. torchrun ranks) download at once without clobbering each other.
+    The file is streamed to a hidden temporary ``.<file>.<host>-<pid>-<random>.part`` next to the
+    target, its SHA256 checked, then renamed into place (:func:`clip.fileio.atomic_write`), so
+    neither an interrupted download (any exception, including KeyboardInterrupt) nor a corrupt one
+    leaves a file under the final name. A unique part name lets several processes (e.g. torchrun
+    ranks) download at once without clobbering each other.
 
     Args:
         url: http(s) URL; its last path component is the file name.
@@ -139,23 +141,17 @@ def download(
             return target
         warnings.warn(f"{target} exists but its SHA256 does not match {expected}; downloading it again")
 
-    fd, part = tempfile.mkstemp(prefix=filename + ".", suffix=".part", dir=root)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            received, total, digest = _stream(url, out, filename, progress, timeout)
-            out.flush()
-            os.fsync(out.fileno())
+    def fetch(out) -> None:
+        received, total, digest = _stream(url, out, filename, progress, timeout)
         if total is not None and received != total:
             raise DownloadError(f"download of {url} is incomplete: received {received} of {total} bytes "
                                 "(connection closed early); try again")
         if expected is not None and digest != expected:
             raise DownloadError(f"SHA256 of the file downloaded from {url} is {digest}, expected {expected}; "
                                 "the download is corrupt or the file changed. Nothing was kept; try again")
-        os.replace(part, target)
-    except BaseException:
-        if os.path.exists(part):
-            os.remove(part)
-        raise
+
+    # A raise inside fetch (checksum, network, Ctrl-C) deletes the partial file; only a verified one is renamed.
+    atomic_write(target, fetch, suffix=".part")
     return target
 
 

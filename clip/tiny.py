@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import warnings
 from collections import OrderedDict
 from typing import Union
@@ -20,6 +19,7 @@ import torch
 from torch import nn
 
 from .configs import CLIPConfig, get_config
+from .fileio import atomic_write
 
 Tensor = torch.Tensor
 FORMATS = ("state_dict", "torchscript")
@@ -212,7 +212,7 @@ def _module_tree(state_dict: dict[str, Tensor]) -> nn.Module:
 
 
 def save_checkpoint(path: Union[str, os.PathLike], state_dict: dict[str, Tensor], fmt: str = "state_dict") -> str:
-    """Write a CLIP checkpoint atomically (temporary file, then rename).
+    """Write a CLIP checkpoint atomically (:func:`clip.fileio.atomic_write`).
 
     Args:
         path: output file.
@@ -232,23 +232,17 @@ def save_checkpoint(path: Union[str, os.PathLike], state_dict: dict[str, Tensor]
     if bad:
         raise ValueError(f"state dict keys are not dotted module paths: {bad[:5]}")
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
+
+    def write(f) -> None:
         if fmt == "state_dict":
-            torch.save(OrderedDict(state_dict), tmp)
+            torch.save(OrderedDict(state_dict), f)
         else:
             with warnings.catch_warnings():
                 # torch.jit is deprecated in favour of torch.export, but it is the format OpenAI ships.
                 warnings.simplefilter("ignore", FutureWarning)
-                torch.jit.script(_module_tree(state_dict)).save(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+                torch.jit.save(torch.jit.script(_module_tree(state_dict)), f)
+
+    atomic_write(path, write)
     return path
 
 
@@ -263,3 +257,18 @@ def make_tiny_checkpoint(
     if fmt not in FORMATS:
         raise ValueError(f"unknown checkpoint format {fmt!r}; choose one of {FORMATS}")
     return save_checkpoint(path, random_state_dict(like, seed=seed, half=half), fmt=fmt)
+
+
+def create_tiny_model(name: Union[str, CLIPConfig] = "tiny-vit", seed: int = 0, half: bool = False) -> "nn.Module":
+    """A random-weight CLIP model of architecture ``name`` (in eval mode, on the CPU).
+
+    Built through :func:`clip.model.build_model` from :func:`random_state_dict`, i.e. exactly what
+    loading a checkpoint written by :func:`make_tiny_checkpoint` gives (fp32 weights; ``half``
+    then casts them to fp16 as :func:`clip.model.convert_weights_fp16` does on a GPU).
+    """
+    from .model import build_model, convert_weights_fp16
+
+    model = build_model(random_state_dict(name, seed=seed))
+    if half:
+        convert_weights_fp16(model)
+    return model.eval()

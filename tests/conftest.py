@@ -46,6 +46,17 @@ def tiny_rn_jit_path(checkpoint_dir) -> str:
     return _checkpoint(checkpoint_dir, "tiny-rn", "torchscript")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module: tiny tensors gain nothing from more, and a busy CPU makes them wait."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _close_trainer_logger():
     """Trainers tee stdout into OUTPUT_DIR/log.txt; undo that after every test."""

@@ -55,7 +55,8 @@ def epoch_losses(log_txt: Path) -> list:
 def check_results_file(path: Path, sets) -> dict:
     doc = json.loads(path.read_text())
     assert doc["positive_class"] == "ID" and doc["units"] == "percent"
-    assert 0.0 <= doc["id_accuracy"] <= 100.0
+    npz = np.load(path.parent / "ood_scores.npz")  # the accuracy is that of the recorded predictions
+    assert doc["id_accuracy"] == pytest.approx(100.0 * np.mean(npz["id_predictions"] == npz["id_labels"]))
     for rows in doc["scores"].values():
         assert set(rows) == set(sets) | {"Average"}
         for metrics in rows.values():
@@ -169,13 +170,41 @@ def test_summarize_three_seeds_via_cli(tmp_path, capsys):
 
 @pytest.fixture
 def no_heavy_work(monkeypatch):
-    """Fail the test if a command gets as far as building a trainer (loading CLIP, listing data)."""
+    """Fail the test if a command gets as far as building a trainer or loading CLIP.
+
+    The stand-ins take exactly the arguments of what they replace (checked), so a call that the
+    real function would accept reaches the AssertionError, not a TypeError.
+    """
+    import inspect
+
+    import clip.pretrained
     import locoop.engine.registry as registry
 
-    def boom(cfg):
-        raise AssertionError("build_trainer was called: the bad input was not caught early")
+    def stand_in(real):
+        signature = inspect.signature(real)
 
-    monkeypatch.setattr(registry, "build_trainer", boom)
+        def boom(*args, **kwargs):
+            signature.bind(*args, **kwargs)
+            raise AssertionError(f"{real.__name__} was called: the bad input was not caught early")
+
+        return boom
+
+    load = stand_in(clip.pretrained.load)
+    monkeypatch.setattr(registry, "build_trainer", stand_in(registry.build_trainer))
+    monkeypatch.setattr(clip.pretrained, "load", load)
+    monkeypatch.setattr(clip, "load", load)
+
+
+def test_no_heavy_work_stand_ins_fail_loudly(no_heavy_work):
+    import clip
+    from locoop.engine.registry import build_trainer
+
+    with pytest.raises(AssertionError, match="build_trainer was called"):
+        build_trainer(object(), need_train=False)  # the call eval makes
+    with pytest.raises(AssertionError, match="load was called"):
+        clip.load("ViT-B/16", device="cpu")
+    with pytest.raises(TypeError):
+        build_trainer(object(), unknown=1)
 
 
 def test_bad_inputs_fail_before_heavy_work(tmp_path, data_root, tiny_vit_path, capsys, no_heavy_work):

@@ -127,7 +127,7 @@ def test_imagenet_bad_subsample_value(tmp_path):
 
 
 def test_unknown_dataset_name_lists_registered(tmp_path):
-    with pytest.raises(KeyError, match="Did you mean 'ImageNet'"):
+    with pytest.raises(KeyError, match="did you mean 'ImageNet'"):
         build_dataset(_cfg(tmp_path, name="imagenet1k"))
 
 

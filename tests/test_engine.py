@@ -262,7 +262,7 @@ def test_classification_evaluator_hand_values():
     cfg.TEST.EVALUATOR = "Classificaton"
     with pytest.raises(KeyError) as e:
         build_evaluator(cfg)
-    assert "Did you mean 'Classification'" in str(e.value)
+    assert "did you mean 'Classification'" in str(e.value)
 
 
 def test_setup_logger_tees_stdout(tmp_path, capsys):

@@ -1,6 +1,7 @@
 """CLIP model: shapes, exact fast paths vs. their naive twins, OpenAI state-dict round trip, errors."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from clip.model import CLIP, build_model, convert_weights_fp16, from_openai_state_dict, to_openai_state_dict
 from clip.naive import encode_image_local_naive, encode_text_full_naive
@@ -51,7 +52,8 @@ def test_shapes(model):
     torch.testing.assert_close(glob, glob2, rtol=0, atol=1e-6)
 
 
-def test_local_features_match_naive_value_path(model):
+def test_local_features_match_naive_value_path():
+    model = _random_model(VIT)
     images = torch.randn(2, 3, model.visual.input_resolution, model.visual.input_resolution)
     with torch.no_grad():
         glob, local = model.encode_image(images, return_local=True)
@@ -60,8 +62,50 @@ def test_local_features_match_naive_value_path(model):
     torch.testing.assert_close(local, local_ref, rtol=0, atol=1e-5)
 
 
+def _resnet_reference(model: CLIP, images: torch.Tensor) -> tuple:
+    """Global and local features of a ModifiedResNet with the attention pool written out independently.
+
+    Sequence-first, with the packed-bias multi-head attention of ``F.multi_head_attention_forward``
+    (how OpenAI's AttentionPool2d computes the global feature); the local features are every
+    position of the final feature map, without positional embedding, through the pool's value
+    then output projection (LoCoOp's RN local path). The convolutional trunk is not under test.
+    """
+    v = model.visual
+    x = images
+    for conv, bn, relu in ((v.conv1, v.bn1, v.relu1), (v.conv2, v.bn2, v.relu2), (v.conv3, v.bn3, v.relu3)):
+        x = relu(bn(conv(x)))
+    x = v.layer4(v.layer3(v.layer2(v.layer1(v.avgpool(x)))))
+    ap = v.attnpool
+    tokens = x.flatten(start_dim=2).permute(2, 0, 1)  # [HW, B, C]
+    seq = torch.cat([tokens.mean(dim=0, keepdim=True), tokens]) + ap.positional_embedding[:, None, :]
+    glob, _ = F.multi_head_attention_forward(
+        query=seq[:1], key=seq, value=seq, embed_dim_to_check=seq.shape[-1], num_heads=ap.num_heads,
+        q_proj_weight=ap.q_proj.weight, k_proj_weight=ap.k_proj.weight, v_proj_weight=ap.v_proj.weight,
+        in_proj_weight=None, in_proj_bias=torch.cat([ap.q_proj.bias, ap.k_proj.bias, ap.v_proj.bias]),
+        bias_k=None, bias_v=None, add_zero_attn=False, dropout_p=0.0, out_proj_weight=ap.c_proj.weight,
+        out_proj_bias=ap.c_proj.bias, use_separate_proj_weight=True, training=False, need_weights=False)
+    local = F.linear(F.linear(tokens, ap.v_proj.weight, ap.v_proj.bias), ap.c_proj.weight, ap.c_proj.bias)
+    return glob[0], local.permute(1, 0, 2)
+
+
+def test_resnet_local_features_match_an_independent_attention_pool():
+    model = _random_model(RN)
+    images = torch.randn(2, 3, model.visual.input_resolution, model.visual.input_resolution)
+    with torch.no_grad():
+        glob, local = model.encode_image(images, return_local=True)
+        glob_ref, local_ref = _resnet_reference(model, images)
+    assert local.shape == (2, (model.visual.input_resolution // 32) ** 2, 32)
+    torch.testing.assert_close(glob, glob_ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(local, local_ref, rtol=0, atol=1e-5)
+    # The local path has no positional embedding: moving it changes the global feature only.
+    with torch.no_grad():
+        model.visual.attnpool.positional_embedding.add_(0.5)
+        glob2, local2 = model.encode_image(images, return_local=True)
+    assert not torch.allclose(glob2, glob, atol=1e-3) and torch.equal(local2, local)
+
+
 def test_local_features_hand_computed_value_path():
-    """ViT local features are ln_post/proj of the last block's value path (DESIGN.md section 4)."""
+    """ViT local features are ln_post/proj of the last block's value path (docs/ARCHITECTURE.md, "CLIP")."""
     model = _random_model(VIT, seed=1)
     images = torch.randn(1, 3, 32, 32)
     with torch.no_grad():

@@ -2,7 +2,7 @@
 import pytest
 
 from locoop.config import get_cfg_default
-from locoop.engine import DATASET_REGISTRY, TRAINER_REGISTRY, Registry, build_trainer
+from locoop.engine import DATASET_REGISTRY, TRAINER_REGISTRY, Registry, RegistryError, build_trainer
 
 
 def test_register_as_decorator_alias_and_direct_call():
@@ -45,26 +45,77 @@ def test_duplicate_name_is_refused_unless_forced():
     assert reg.get("A") is B
 
 
-def test_miss_lists_registered_names_and_closest():
-    reg = Registry("TRAINER")
+def test_miss_names_the_registry_the_closest_and_all_names():
+    reg = Registry("TRAINER", kind="trainer")
     for name in ("LoCoOp", "ZeroshotCLIP", "SeTARFT"):
         reg.register(type(name, (), {}))
-    with pytest.raises(KeyError) as e:
+    with pytest.raises(RegistryError) as e:
         reg.get("LoCoOpp")
-    msg = str(e.value)
-    assert "'LoCoOpp' is not registered in the TRAINER registry" in msg
-    assert "Did you mean 'LoCoOp'?" in msg
-    assert "['LoCoOp', 'ZeroshotCLIP', 'SeTARFT']" in msg
-    with pytest.raises(KeyError) as e:  # wrong case
+    assert isinstance(e.value, KeyError) and isinstance(e.value, ValueError)
+    assert str(e.value) == ("unknown trainer 'LoCoOpp' (TRAINER registry); did you mean 'LoCoOp'? "
+                            "valid trainers: LoCoOp, ZeroshotCLIP, SeTARFT")
+    with pytest.raises(KeyError) as e:  # wrong case: not accepted, but named
         reg.get("locoop")
-    assert "Did you mean 'LoCoOp'?" in str(e.value)
+    assert "did you mean 'LoCoOp'?" in str(e.value)
     with pytest.raises(KeyError) as e:  # empty registry says why it may be empty
         Registry("EMPTY").get("x")
     assert "imported" in str(e.value)
 
 
-def test_global_registries_exist():
-    assert isinstance(TRAINER_REGISTRY, Registry) and isinstance(DATASET_REGISTRY, Registry)
+def test_normalised_names_and_aliases():
+    reg = Registry("SCORE", kind="OOD score", plural="scores", normalize=lambda s: s.lower().replace("-", ""),
+                   aliases={"maxsoftmax": "MCM"})
+    reg.register(object(), name="MCM")
+    spec = reg.register(object(), name="GL-MCM")
+    assert reg.get("glmcm") is spec and reg.canonical_name("gl-mcm") == "GL-MCM"
+    assert reg.get("MaxSoftmax") is reg.get("MCM") and "max-softmax" in reg and "msp" not in reg
+    with pytest.raises(RegistryError, match=r"already registered in the SCORE registry \(as 'GL-MCM'\)"):
+        reg.register(object(), name="glmcm")
+    assert reg.list(lambda n, _: "-" in n) == ["GL-MCM"]
+    assert reg.unregister("mcm") is not None and reg.registered_names() == ["GL-MCM"]
+
+
+def _unknown_lookups():
+    """One unknown-name lookup per registry of the code base, through its public get_* function."""
+    from clip.configs import get_config
+    from locoop.data import build_dataset
+    from locoop.engine.registry import get_trainer_class
+    from locoop.ood.scores import get_score
+    from locoop.setar.searchers import get_searcher
+
+    cfg = get_cfg_default()
+    cfg.DATASET.NAME = "ImageNett"
+    return [
+        ("TRAINER", "LoCoOP", "LoCoOp", lambda: get_trainer_class("LoCoOP")),
+        ("DATASET", "ImageNett", "ImageNet", lambda: build_dataset(cfg)),
+        ("SCORE", "GL-MCN", "GL-MCM", lambda: get_score("GL-MCN")),
+        ("SEARCHER", "visual_txt", "visual_text", lambda: get_searcher("visual_txt")),
+        ("CLIP_CONFIG", "tiny-vit-h3", "tiny-vit-h2", lambda: get_config("tiny-vit-h3")),
+    ]
+
+
+@pytest.mark.parametrize("registry, name, closest, lookup", _unknown_lookups(), ids=lambda v: v if isinstance(v, str) else "")
+def test_every_registry_fails_the_same_way(registry, name, closest, lookup):
+    with pytest.raises(RegistryError) as e:
+        lookup()
+    msg = str(e.value)
+    assert msg.startswith("unknown ") and f"{name!r} ({registry} registry); did you mean {closest!r}? valid " in msg
+    assert closest in msg.split("valid ", 1)[1]  # the full list follows
+
+
+def test_one_registry_class_holds_every_kind_of_entry():
+    from clip.configs import CONFIGS
+    from locoop.data import list_datasets
+    from locoop.engine.evaluator import EVALUATOR_REGISTRY
+    from locoop.engine.registry import list_trainers
+    from locoop.ood.scores import SCORE_REGISTRY
+    from locoop.setar.searchers import SEARCHERS
+
+    registries = (TRAINER_REGISTRY, DATASET_REGISTRY, EVALUATOR_REGISTRY, SCORE_REGISTRY, SEARCHERS, CONFIGS)
+    assert all(type(r) is Registry for r in registries)
+    assert {"LoCoOp", "CoOp", "ZeroshotCLIP", "SeTARFT", "LoRA"} <= set(list_trainers())
+    assert list_datasets() == ["ImageNet", "PascalVOC"] and "Classification" in EVALUATOR_REGISTRY
+    assert "GL-MCM" in SCORE_REGISTRY and "visual_text" in SEARCHERS and "tiny-vit" in CONFIGS
 
 
 def test_build_trainer_errors():
@@ -75,4 +126,5 @@ def test_build_trainer_errors():
     cfg.TRAINER.NAME = "NoSuchTrainerXYZ"
     with pytest.raises(KeyError) as e:
         build_trainer(cfg)
-    assert "NoSuchTrainerXYZ" in str(e.value) and "Registered" in str(e.value)
+    assert "unknown trainer 'NoSuchTrainerXYZ'" in str(e.value)
+    assert all(n in str(e.value) for n in ("LoCoOp", "CoOp", "ZeroshotCLIP", "SeTARFT", "LoRA"))

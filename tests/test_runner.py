@@ -161,7 +161,36 @@ def test_openood_convention_adds_its_own_metric_names(tmp_path, data_root, model
     assert {"fpr95", "auroc", "aupr", "fpr95_openood", "aupr_in", "aupr_out"} <= set(m)
 
 
-def test_features_normalised_local_fp16_and_chunking_exact(data_root, model_and_text):
+def test_uncached_local_scores_come_from_fp32_features(tmp_path, data_root, model_and_text):
+    """The benchmark scores the local features the model computed (float32), not a float16 copy.
+
+    Storing them in float16 (as the evaluation did before) moves L-MCM / GL-MCM by the fp16 rounding;
+    only the feature cache stores float16 (see test_feature_cache for its bound).
+    """
+    from locoop.data import build_dataset, build_ood_datasets, build_transform
+
+    root, _ = data_root
+    model, text = model_and_text
+    cfg = make_cfg(root, ["OOD.SCORES", "['MCM', 'L-MCM', 'GL-MCM']"])
+    res = run_ood_benchmark(cfg, model, text, tmp_path, verbose=False, use_cache=False)
+    tfm = build_transform(cfg, is_train=False)
+    sets = {"ID": build_dataset(cfg, need_train=False).test, **build_ood_datasets(str(root), OOD_SETS)}
+    got = {"ID": res["id_scores"], **res["ood_scores"]}
+    fp16_moved = 0.0
+    for name, items in sets.items():
+        # The same loader (order, batches) as the benchmark's, features kept in each dtype.
+        exact = extract_features(model, runner_mod.eval_loader(cfg, items, tfm), "cpu", local_dtype=torch.float32)
+        half = extract_features(model, runner_mod.eval_loader(cfg, items, tfm), "cpu", local_dtype=torch.float16)
+        ref, _ = score_features(exact, text, ["MCM", "L-MCM", "GL-MCM"])
+        old, _ = score_features(half, text, ["MCM", "L-MCM", "GL-MCM"])
+        for s in ("MCM", "L-MCM", "GL-MCM"):
+            np.testing.assert_array_equal(got[name][s], ref[s])
+        np.testing.assert_array_equal(old["MCM"], ref["MCM"])  # global features are float32 either way
+        fp16_moved = max(fp16_moved, float(np.abs(old["GL-MCM"] - ref["GL-MCM"]).max()))
+    assert 0.0 < fp16_moved < 2.0 ** -11  # float16 storage would have changed the scores (within its bound)
+
+
+def test_features_normalised_local_fp32_and_chunking_exact(data_root, model_and_text):
     root, _ = data_root
     model, text = model_and_text
     from locoop.data import build_data_loader, list_images
@@ -174,9 +203,13 @@ def test_features_normalised_local_fp16_and_chunking_exact(data_root, model_and_
     feats = extract_features(model, loader, "cpu", with_local=True)
     assert len(feats) == 9 and feats.labels.tolist() == [d.label for d in items]
     assert feats.impaths == [d.impath for d in items]
-    assert feats.local_feats.dtype == torch.float16 and feats.local_feats.shape == (9, 16, text.shape[1])
+    assert feats.local_feats.dtype == torch.float32 and feats.local_feats.shape == (9, 16, text.shape[1])
     torch.testing.assert_close(feats.global_feats.norm(dim=-1), torch.ones(9))
-    torch.testing.assert_close(feats.local_feats.float().norm(dim=-1), torch.ones(9, 16), atol=2e-3, rtol=0)
+    torch.testing.assert_close(feats.local_feats.norm(dim=-1), torch.ones(9, 16))
+    half = extract_features(model, loader, "cpu", with_local=True, local_dtype=torch.float16)  # the cache's
+    assert half.local_feats.dtype == torch.float16
+    torch.testing.assert_close(half.local_feats.float().norm(dim=-1), torch.ones(9, 16), atol=2e-3, rtol=0)
+    torch.testing.assert_close(half.local_feats.float(), feats.local_feats, atol=2.0 ** -11, rtol=0)
 
     whole, preds = score_features(feats, text, ["MCM", "L-MCM", "entropy"], T=1.0)
     tiny, preds2 = score_features(feats, text, ["MCM", "L-MCM", "entropy"], T=1.0, chunk_elements=1)

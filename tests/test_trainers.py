@@ -5,10 +5,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import clip
+from clip.naive import encode_text_full_naive
 from locoop.config import get_cfg_default
 from locoop.data.synthetic import make_imagenet_like
 from locoop.engine.registry import build_trainer
-from locoop.trainers import CustomCLIP, zero_shot_text_features
+from locoop.trainers import CustomCLIP
 from locoop.trainers.loss import locoop_loss
 
 MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -76,6 +78,17 @@ def _train_loss(trainer):
     return total / n
 
 
+def _accuracy_by_hand(trainer, text):
+    """Top-1 accuracy (%) of the test split from CLIP's image features and ``text``, outside the trainer."""
+    correct = total = 0
+    with torch.no_grad():
+        for batch in trainer.test_loader:
+            feats = F.normalize(trainer.clip_model.encode_image(batch["img"]).float(), dim=-1)
+            correct += int(((feats @ F.normalize(text.float(), dim=-1).t()).argmax(-1) == batch["label"]).sum())
+            total += len(batch["label"])
+    return 100.0 * correct / total
+
+
 def test_locoop_trains_saves_and_reloads(data_root, tiny_vit_path, tmp_path):
     cfg = _cfg(data_root, tiny_vit_path, tmp_path / "run")
     trainer = build_trainer(cfg)
@@ -86,11 +99,14 @@ def test_locoop_trains_saves_and_reloads(data_root, tiny_vit_path, tmp_path):
     frozen = {k: v.clone() for k, v in trainer.clip_model.state_dict().items()}
 
     batch = next(iter(trainer.train_loader_x))
+    with torch.no_grad():  # the batch's accuracy with the prompts before the step
+        image, label = trainer.parse_batch_train(batch)
+        expected_acc = 100.0 * (trainer.model(image, return_local=False).argmax(-1) == label).float().mean().item()
     trainer.batch_idx, trainer.num_batches = 0, 99
     summary = trainer.forward_backward(batch)
     assert set(summary) == {"loss", "loss_id", "loss_en", "acc"}
     assert summary["loss"] == pytest.approx(summary["loss_id"] + 0.25 * summary["loss_en"], abs=1e-5)
-    assert summary["loss_en"] <= 0 and 0 <= summary["acc"] <= 100
+    assert summary["loss_en"] <= 0 and summary["acc"] == pytest.approx(expected_acc)
 
     before = _train_loss(trainer)
     trainer.train()
@@ -112,8 +128,7 @@ def test_locoop_trains_saves_and_reloads(data_root, tiny_vit_path, tmp_path):
     assert not torch.equal(fresh.text_features(), feats)
     fresh.load_model(str(tmp_path / "run"), epoch=2)
     assert torch.equal(fresh.text_features(), feats)
-    acc = fresh.test()
-    assert 0.0 <= acc <= 100.0
+    assert fresh.test() == pytest.approx(_accuracy_by_hand(fresh, feats))
 
     init_cfg = _cfg(data_root, tiny_vit_path, tmp_path / "init")
     init_cfg.MODEL.INIT_WEIGHTS = str(ckpt_path)
@@ -180,10 +195,13 @@ def test_custom_clip_logits_are_scaled_cosines(data_root, tiny_vit_path, tmp_pat
 
 def test_zeroshot_clip(data_root, tiny_vit_path, tmp_path):
     trainer = build_trainer(_cfg(data_root, tiny_vit_path, tmp_path / "zs", trainer="ZeroshotCLIP"))
-    names = trainer.dm.dataset.classnames
-    assert torch.allclose(trainer.text_features(), zero_shot_text_features(trainer.clip_model, names), atol=1e-6)
-    acc = trainer.test()
-    assert 0.0 <= acc <= 100.0
+    names = [c.replace("_", " ") for c in trainer.dm.dataset.classnames]
+    # Independently: the template's prompts through the full 77-token text encoder (no truncation).
+    prompts = clip.tokenize([trainer.template.format(c) for c in names])
+    with torch.no_grad():
+        expected = F.normalize(encode_text_full_naive(trainer.clip_model, prompts), dim=-1)
+    torch.testing.assert_close(trainer.text_features(), expected, rtol=0, atol=1e-5)
+    assert trainer.test() == pytest.approx(_accuracy_by_hand(trainer, expected))
     image, _ = trainer.parse_batch_test(next(iter(trainer.test_loader)))
     glob, local = trainer.model_inference(image, return_local=True)
     assert glob.shape == (len(image), NUM_CLASSES) and local.shape == (len(image), 16, NUM_CLASSES)

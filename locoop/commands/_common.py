@@ -104,7 +104,7 @@ def check_trainer(name: str) -> type:
     """The registered trainer class of ``name``.
 
     Raises:
-        ValueError: empty or unknown name; the message lists the registered trainers.
+        ValueError: empty or unknown name (a RegistryError); the message lists the registered trainers.
     """
     from locoop.engine.registry import TRAINER_REGISTRY, get_trainer_class
 
@@ -112,10 +112,7 @@ def check_trainer(name: str) -> type:
         import locoop.trainers  # noqa: F401  (registers the built-in trainers, for the list below)
 
         raise ValueError(f"no trainer given; pass --trainer with one of {TRAINER_REGISTRY.registered_names()}")
-    try:
-        return get_trainer_class(name)
-    except KeyError as e:
-        raise ValueError(f"unknown trainer {name!r}: {e.args[0] if e.args else ''}".rstrip()) from None
+    return get_trainer_class(name)  # a RegistryError (a ValueError) names the closest and all trainers
 
 
 def trainer_needs_checkpoint(cls: type) -> bool:
@@ -254,24 +251,17 @@ def write_run_info(cfg: Any, trainer: Any, extra: Optional[Dict[str, Any]] = Non
     """
     import json
 
-    from locoop.config import cfg_to_dict, dump_cfg
-    from locoop.engine.fileio import atomic_write_text
-
+    from locoop.config import dump_cfg
     from locoop.engine import dist
+    from locoop.engine.fileio import atomic_write_text
+    from locoop.engine.provenance import run_provenance
 
     out = cfg.OUTPUT_DIR
     if not dist.is_main_process():  # under torchrun rank 0 writes; others would race on the same temp name
         return os.path.join(out, RUN_INFO)
     os.makedirs(out, exist_ok=True)
     dump_cfg(cfg, os.path.join(out, "config.yaml"))
-    ds = getattr(getattr(trainer, "dm", None), "dataset", None)
-    info: Dict[str, Any] = {"trainer": cfg.TRAINER.NAME, "backbone": cfg.MODEL.BACKBONE.NAME, "seed": cfg.SEED}
-    for key in ("classnames_file", "classnames_hash", "split_file", "split_hash", "val_split_file", "val_split_hash"):
-        value = getattr(ds, key, None) if ds is not None else None
-        if value is not None:
-            info[key] = value
-    info.update(extra or {})
-    info["config"] = cfg_to_dict(cfg)
+    info = run_provenance(cfg, getattr(getattr(trainer, "dm", None), "dataset", None), extra)
     return str(atomic_write_text(os.path.join(out, RUN_INFO), json.dumps(info, indent=2, default=str)))
 
 

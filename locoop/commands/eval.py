@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import argparse
 
-from locoop.commands._common import (add_common_arguments, build_cfg, check_model_dir, check_trainer, load_trainer_for_eval,
-                                     prepare_run,
-                                     read_run_info, run_command, trainer_needs_checkpoint)
+from locoop.commands._common import (add_common_arguments, build_cfg, check_model_dir, check_trainer,
+                                     load_trainer_for_eval, prepare_run, read_run_info, run_command,
+                                     trainer_needs_checkpoint)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,8 +53,10 @@ def _run(args: argparse.Namespace) -> int:
             if train_info.get(key):
                 meta[key] = train_info[key]
     dataset = getattr(getattr(trainer, "dm", None), "dataset", None)
+    # The precision the trainer's model actually runs at (its PREC after the device fallback).
     run_ood_benchmark(cfg, trainer.clip_model, text_features, cfg.OUTPUT_DIR, meta=meta,
-                      device=getattr(trainer, "device", None), dataset=dataset)
+                      device=getattr(trainer, "device", None), dataset=dataset,
+                      precision=getattr(trainer, "precision", None))
     return 0
 
 

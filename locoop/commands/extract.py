@@ -10,7 +10,8 @@ Writes one entry per set into the feature cache (``OOD.CACHE_DIR``, default
 ``~/.cache/locoop/features``; see :mod:`locoop.ood.cache`): normalised global (float32) and local
 (float16) features, keyed by the image encoder's weights, the test preprocessing and the file
 list. ``python -m locoop eval`` (and the SeTAR test pass of an unpruned encoder) then reads them
-and only computes the text side. Sets whose entry is already valid are skipped (``--force``
+and only computes the text side. ``OOD.CACHE_LOCAL_DTYPE float32`` stores exact local features
+(twice the disk; cached L-MCM / GL-MCM then equal uncached ones bit for bit). Sets whose entry is already valid are skipped (``--force``
 rewrites them). The backbone is loaded as the trainers load it (``MODEL.BACKBONE.NAME``,
 ``TRAINER.LOCOOP.PREC``); ZeroshotCLIP runs ``amp`` as ``fp16``, so pass ``--prec fp16`` to
 prepare its evaluation on a GPU with ``PREC amp``.
@@ -91,7 +92,7 @@ def _run(args: argparse.Namespace) -> int:
     from locoop.engine import dist
     from locoop.engine.trainer import select_device
     from locoop.data import build_transform
-    from locoop.ood.runner import cache_set_name, eval_loader, extraction_amp
+    from locoop.ood.runner import cache_local_dtype, cache_set_name, eval_loader, extraction_amp
     from locoop.trainers.clip_backbone import load_clip
 
     device = select_device(cfg)
@@ -101,12 +102,14 @@ def _run(args: argparse.Namespace) -> int:
     model, used = load_clip(cfg, device, prec, verbose=bool(cfg.VERBOSE) and main)
     model.eval()
     tfm = build_transform(cfg, is_train=False)
-    amp = extraction_amp(cfg, device) if args.prec is None else (args.prec == "amp" and device.type == "cuda")
+    amp = extraction_amp(cfg, device, used)  # the precision the model was loaded with
+    local_dtype = cache_local_dtype(cfg)
     cache = FeatureCache(resolve_cache_dir(cfg), verbose=main)
     if main:
         print(f"Feature cache: {cache.directory} (backbone {cfg.MODEL.BACKBONE.NAME}, {used}"
               f"{', fp16 autocast' if amp else ''}, on {device}"
-              + (f" x {dist.get_world_size()} processes" if dist.is_distributed() else "") + ")")
+              + (f" x {dist.get_world_size()} processes" if dist.is_distributed() else "")
+              + f"; local features stored as {str(local_dtype).replace('torch.', '')})")
     from locoop.ood.cache import visual_fingerprint
 
     visual = visual_fingerprint(model)
@@ -114,7 +117,7 @@ def _run(args: argparse.Namespace) -> int:
     total_t = time.time()
     for name, items in sets.items():
         cname = cache_set_name(cfg, name)
-        key = make_key(model, tfm, items, device, amp, visual=visual)
+        key = make_key(model, tfm, items, device, amp, visual=visual, local_dtype=local_dtype)
         existing = None
         if main and not args.force:
             existing = cache.lookup(cname, key, need_local=not args.no_local)
@@ -131,7 +134,7 @@ def _run(args: argparse.Namespace) -> int:
                 cache, cname, items, model, lambda it, idx: eval_loader(cfg, it, tfm, idx), tfm, device, amp=amp,
                 with_local=not args.no_local, chunk_images=args.chunk_images,
                 batch_size=int(cfg.DATALOADER.TEST.BATCH_SIZE), meta=dict(meta, set=name),
-                progress=None if (main and cfg.VERBOSE) else False)
+                progress=None if (main and cfg.VERBOSE) else False, local_dtype=local_dtype)
         if main:
             m = FeatureCache.read_manifest(path)
             skipped = len(m.get("skipped_paths") or {})

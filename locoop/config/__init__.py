@@ -9,7 +9,10 @@ Differences from plain yacs merging, all in the user's favour:
 - an unknown key fails with the key, where it came from, and the closest valid keys;
 - a value of the wrong type fails naming the key, the expected type and an example;
 - an int is accepted where a float is expected (yacs refuses ``OPTIM.LR 1``), lists and tuples
-  are interchangeable, and ``true``/``false`` are accepted for booleans in opts.
+  are interchangeable, and ``true``/``false`` are accepted for booleans in opts;
+- every constrained value is checked once the config is built (:mod:`locoop.config.checks`).
+
+How to add a key or a check: docs/ARCHITECTURE.md, "Configuration".
 """
 from __future__ import annotations
 
@@ -72,20 +75,6 @@ CLI_FLAG_KEYS: dict[str, str] = {
     "num_shots": "DATASET.NUM_SHOTS",
     "device": "MODEL.DEVICE",
 }
-
-# Engine-level enumerations checked right after merging, so a typo fails before any heavy work.
-_CHOICES: dict[str, tuple[str, ...]] = {
-    "OPTIM.NAME": ("sgd", "adam", "adamw"),
-    "OPTIM.LR_SCHEDULER": ("single_step", "multi_step", "cosine"),
-    "OPTIM.WARMUP_TYPE": ("constant", "linear"),
-    "TEST.FINAL_MODEL": ("last_step", "best_val"),
-    "TEST.SPLIT": ("test", "val"),
-    "INPUT.INTERPOLATION": ("bilinear", "bicubic", "nearest"),
-    "TRAINER.LOCOOP.PREC": ("fp16", "fp32", "amp"),
-    "TRAINER.LOCOOP.CLASS_TOKEN_POSITION": ("end", "middle", "front"),
-    "DATASET.SUBSAMPLE_CLASSES": ("all", "base", "new"),
-}
-
 
 # ----------------------------------------------------------------------------- key helpers
 def all_keys(cfg: CfgNode, prefix: str = "") -> list[str]:
@@ -302,35 +291,15 @@ def merge_cfg(cfg: CfgNode, dataset_config_file: Optional[str] = None, config_fi
     return cfg
 
 
-def _lookup(cfg: CfgNode, full_key: str) -> Any:
-    node: Any = cfg
-    for part in full_key.split("."):
-        node = node[part]
-    return node
-
-
 def validate_cfg(cfg: CfgNode) -> None:
-    """Check enumerated engine keys (optimiser, scheduler, ...) against their valid choices.
+    """Check every constrained value (choices, ranges) of every section: see :mod:`locoop.config.checks`.
 
     Raises:
-        ConfigError: naming the key, the bad value and the valid choices.
+        ConfigError: naming the key, the bad value and the valid choices or range.
     """
-    for key, choices in _CHOICES.items():
-        try:
-            value = _lookup(cfg, key)
-        except KeyError:
-            continue
-        if value not in choices:
-            close = difflib.get_close_matches(str(value), choices, n=1)
-            hint = f" Did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(f"{key} = {value!r} is not valid; choose one of {list(choices)}.{hint}")
-    shots = _lookup(cfg, "DATASET.NUM_SHOTS")
-    if shots < -1:
-        raise ConfigError(f"DATASET.NUM_SHOTS = {shots} is not valid; use -1 (all images) or K >= 1.")
-    if cfg.OPTIM.MAX_EPOCH < 0:
-        raise ConfigError(f"OPTIM.MAX_EPOCH = {cfg.OPTIM.MAX_EPOCH} must be >= 0.")
-    if cfg.TRAIN.PRINT_FREQ < 1:
-        raise ConfigError(f"TRAIN.PRINT_FREQ = {cfg.TRAIN.PRINT_FREQ} must be >= 1.")
+    from .checks import validate_cfg as _validate
+
+    _validate(cfg)
 
 
 def setup_cfg(args: Any, flag_keys: Optional[Mapping[str, str]] = None, freeze: bool = True) -> CfgNode:
@@ -381,10 +350,11 @@ def cfg_to_dict(cfg: CfgNode) -> dict:
 
 
 def dump_cfg(cfg: CfgNode, path: str) -> str:
-    """Write the resolved config as YAML (loadable again with :func:`load_cfg`)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        yaml.safe_dump(cfg_to_dict(cfg), f, sort_keys=False, default_flow_style=None)
+    """Write the resolved config as YAML (loadable again with :func:`load_cfg`), atomically."""
+    from locoop.engine.fileio import atomic_write_text
+
+    text = yaml.safe_dump(cfg_to_dict(cfg), sort_keys=False, default_flow_style=None)
+    atomic_write_text(path, text)
     return path
 
 

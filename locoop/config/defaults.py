@@ -208,6 +208,7 @@ def _add_ood(c: CN) -> None:
     c.OOD.PLOT = True  # write score-distribution histograms
     c.OOD.CACHE_DIR = ""  # image-feature cache folder ("" = $LOCOOP_FEATURE_CACHE, else ~/.cache/locoop/features)
     c.OOD.USE_CACHE = True  # reuse cached image features
+    c.OOD.CACHE_LOCAL_DTYPE = "float16"  # local features in the cache: float16 (half the disk) or float32 (exact)
 
 
 def _add_setar(c: CN) -> None:

@@ -1,9 +1,11 @@
 """Data layer: items, datasets in the papers' folder layouts, few-shot splits, transforms, loaders.
 
-See data/README.md for the expected folder layouts and ``python -m locoop check-data``.
+See data/README.md for the expected folder layouts and ``python -m locoop check-data``, and
+docs/ARCHITECTURE.md for where the data layer sits.
 """
 from .classnames import ClassNames, read_classnames_file, sha256_file
-from .data_manager import DataManager, SkippingDataLoader, build_data_loader, build_dataset
+from .data_manager import (DataManager, SkippingDataLoader, build_data_loader, build_dataset, build_eval_loader,
+                           get_dataset_class, list_datasets)
 from .datum import DatasetBase, Datum
 from .fewshot import (FewShotWarning, fewshot_split_path, generate_fewshot_dataset, load_fewshot_split,
                       load_or_create_fewshot, save_fewshot_split, subsample_classes)
@@ -17,7 +19,7 @@ from .datasets import (IMAGENET_OOD_SETS, OOD_LAYOUT, VOC_OOD_SETS, ImageNet, Pa
 
 __all__ = [
     "Datum", "DatasetBase", "ClassNames", "read_classnames_file", "sha256_file",
-    "DataManager", "SkippingDataLoader", "build_data_loader", "build_dataset",
+    "DataManager", "SkippingDataLoader", "build_data_loader", "build_eval_loader", "build_dataset", "list_datasets", "get_dataset_class",
     "FewShotWarning", "fewshot_split_path", "generate_fewshot_dataset", "load_fewshot_split",
     "load_or_create_fewshot", "save_fewshot_split", "subsample_classes",
     "IMG_EXTENSIONS", "CorruptImageWarning", "DatasetWrapper", "UnreadableImageError", "collate_skipping",

@@ -12,7 +12,6 @@ contiguous shards whose outputs the trainer gathers.
 """
 from __future__ import annotations
 
-import random
 import warnings
 from typing import Callable, Optional, Sequence
 
@@ -23,6 +22,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from ..engine import dist
 from ..engine.registry import DATASET_REGISTRY
+from ..engine.seed import seed_worker
 from .datum import DatasetBase, Datum
 from .image_io import CorruptImageWarning, DatasetWrapper, collate_skipping
 from .transforms import build_transform
@@ -118,13 +118,6 @@ class SkippingDataLoader(DataLoader):
             yield batch
 
 
-def seed_worker(worker_id: int) -> None:
-    """Seed Python's and NumPy's generators in a worker from its torch seed (set by the loader)."""
-    seed = torch.initial_seed() % 2**32
-    random.seed(seed)
-    np.random.seed(seed)
-
-
 def build_data_loader(
     data_source: Sequence[Datum],
     batch_size: int,
@@ -203,6 +196,41 @@ def build_data_loader(
     )
 
 
+def build_eval_loader(cfg, items: Sequence[Datum], tfm: Optional[Callable], indices: Optional[Sequence[int]] = None,
+                      shuffle: bool = False, seed: Optional[int] = 0) -> SkippingDataLoader:
+    """The evaluation loader of ``items``: every consumer of test or validation images uses this one.
+
+    Args:
+        cfg: ``DATALOADER.TEST.BATCH_SIZE``, ``DATALOADER.NUM_WORKERS``, ``DATASET.STRICT``.
+        items: the images, in order.
+        tfm: the test transform.
+        indices: restrict to these positions (a rank's shard, or a cache part), in order.
+        shuffle: ``DATALOADER.TEST.SAMPLER RandomSampler`` (the trainers' loaders honour it).
+        seed: the loader seed (test transforms draw nothing; it seeds the workers).
+    """
+    return build_data_loader(items, int(cfg.DATALOADER.TEST.BATCH_SIZE), tfm, is_train=False,
+                             num_workers=int(cfg.DATALOADER.NUM_WORKERS), seed=seed,
+                             strict=bool(cfg.DATASET.STRICT), shuffle=shuffle, sampler=indices)
+
+
+def list_datasets() -> list:
+    """Names of the registered datasets (importing the built-in ones)."""
+    from . import datasets  # noqa: F401  (registers the built-in datasets)
+
+    return DATASET_REGISTRY.registered_names()
+
+
+def get_dataset_class(name: str) -> type:
+    """The dataset class registered as ``name``.
+
+    Raises:
+        RegistryError (a KeyError and a ValueError): unknown name, naming the closest and all datasets.
+    """
+    from . import datasets  # noqa: F401
+
+    return DATASET_REGISTRY.get(name)
+
+
 def build_dataset(cfg, need_train: Optional[bool] = None) -> DatasetBase:
     """Instantiate the dataset named by ``cfg.DATASET.NAME`` from ``DATASET_REGISTRY``.
 
@@ -212,15 +240,13 @@ def build_dataset(cfg, need_train: Optional[bool] = None) -> DatasetBase:
             folder is neither required nor read).
 
     Raises:
-        ValueError: empty ``DATASET.NAME``; KeyError: unknown name (lists the registered ones).
+        ValueError: empty ``DATASET.NAME``; RegistryError: unknown name (lists the registered ones).
     """
-    from . import datasets  # noqa: F401  (registers the built-in datasets)
-
     name = cfg.DATASET.NAME
     if not name:
-        raise ValueError(f"DATASET.NAME is empty; set it to one of {DATASET_REGISTRY.registered_names()} "
+        raise ValueError(f"DATASET.NAME is empty; set it to one of {list_datasets()} "
                          "(e.g. with --dataset-config-file configs/datasets/imagenet.yaml)")
-    cls = DATASET_REGISTRY.get(name)
+    cls = get_dataset_class(name)
     if getattr(cfg, "VERBOSE", True):
         print(f"Loading dataset: {name}")
     return cls(cfg) if need_train is None else cls(cfg, need_train=need_train)
@@ -268,8 +294,7 @@ class DataManager:
                 return None
             # Distributed: a contiguous shard per rank; SimpleTrainer.test gathers the outputs in order.
             shard = dist.shard_indices(len(items), align=test_bs) if dist.is_distributed() else None
-            return build_data_loader(items, test_bs, self.tfm_test, is_train=False, num_workers=workers,
-                                     seed=seed, strict=strict, shuffle=shuffle_test, sampler=shard)
+            return build_eval_loader(cfg, items, self.tfm_test, shard, shuffle=shuffle_test, seed=seed)
 
         self.train_loader_x = None
         if dataset.train_x:

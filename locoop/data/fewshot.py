@@ -25,12 +25,12 @@ import math
 import os
 import random
 import re
-import tempfile
 import warnings
 from typing import Callable, Optional, Sequence
 
 import torch
 
+from ..engine.fileio import atomic_torch_save
 from .classnames import sha256_file
 from .datum import Datum
 
@@ -131,19 +131,7 @@ def save_fewshot_split(path: str, dataset_dir: str, train: Sequence[Datum], val:
     """Write a split atomically with paths relative to ``dataset_dir`` (see module docstring)."""
     payload = {"format": SPLIT_FORMAT, "train": _to_relative(train, dataset_dir),
                "val": None if val is None else _to_relative(val, dataset_dir), "meta": dict(meta or {})}
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pkl", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_torch_save(payload, path)
 
 
 DASSL_SPLIT_CONTENTS = "Dassl Datum records in plain lists and dicts"

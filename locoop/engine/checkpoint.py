@@ -18,16 +18,14 @@ not resumed.
 from __future__ import annotations
 
 import collections
-import glob
 import os
 import re
-import shutil
-import tempfile
 import warnings
 from typing import Any, Iterable, Optional
 
 import torch
 
+from .fileio import atomic_copy, atomic_torch_save, atomic_write_text, remove_stale_temps
 from .safe_load import CHECKPOINT_ALLOWLIST, load_foreign_file, restricted_torch_load
 from .seed import set_rng_states
 
@@ -45,9 +43,6 @@ __all__ = [
 
 FORMAT_VERSION = 1
 _EPOCH_FILE = re.compile(r"^model\.pth\.tar-(\d+)$")
-_TMP_SUFFIX = ".tmp"
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 # Exact types: subclasses such as numpy.float64 pickle through numpy and would be refused on load.
 _SAFE_SCALARS = (str, int, float, bool, type(None), torch.dtype, torch.device, torch.Size)
 
@@ -76,51 +71,6 @@ def check_weights_only_safe(obj: Any, where: str = "state") -> None:
     )
 
 
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # e.g. not permitted on this platform: the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: str, write_fn) -> None:
-    """Write via a temp file in the same folder, fsync, then rename over ``path``.
-
-    A crash at any point leaves either the old file or the complete new one, never a partial file.
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=_TMP_SUFFIX)
-    try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(directory)
-
-
-def _remove_stale_temp_files(directory: str) -> None:
-    # Left behind only by a process killed mid-write; never a valid checkpoint.
-    for p in glob.glob(os.path.join(directory, ".*" + _TMP_SUFFIX)):
-        try:
-            os.remove(p)
-        except OSError:
-            pass
-
-
 def _strip_module_prefix(state_dict: dict) -> dict:
     if not any(k.startswith("module.") for k in state_dict):
         return state_dict
@@ -130,7 +80,7 @@ def _strip_module_prefix(state_dict: dict) -> dict:
 
 def save_checkpoint(state: dict, save_dir: str, is_best: bool = False, model_name: str = "",
                     remove_module_from_keys: bool = True) -> str:
-    """Atomically write ``state`` to ``save_dir/model_name``.
+    """Atomically write ``state`` to ``save_dir/model_name`` (:mod:`locoop.engine.fileio`).
 
     Args:
         state: Dict with at least ``state_dict`` and ``epoch`` (finished epochs); plain values only.
@@ -152,22 +102,17 @@ def save_checkpoint(state: dict, save_dir: str, is_best: bool = False, model_nam
     check_weights_only_safe(state)
 
     os.makedirs(save_dir, exist_ok=True)
-    _remove_stale_temp_files(save_dir)
+    # Temporaries of a killed writer are never valid checkpoints; one process writes a run folder.
+    remove_stale_temps(save_dir, legacy=True)
     if not model_name:
         model_name = f"model.pth.tar-{state['epoch']}"
     fpath = os.path.join(save_dir, model_name)
-    _atomic_write(fpath, lambda f: torch.save(state, f))
+    atomic_torch_save(state, fpath)
 
     if _EPOCH_FILE.match(model_name):
-        _atomic_write(os.path.join(save_dir, "checkpoint"), lambda f: f.write(f"{model_name}\n".encode()))
+        atomic_write_text(os.path.join(save_dir, "checkpoint"), f"{model_name}\n")
     if is_best and model_name != "model-best.pth.tar":
-        best = os.path.join(save_dir, "model-best.pth.tar")
-
-        def _copy(f):
-            with open(fpath, "rb") as src:
-                shutil.copyfileobj(src, f)
-
-        _atomic_write(best, _copy)
+        atomic_copy(fpath, os.path.join(save_dir, "model-best.pth.tar"))
     return fpath
 
 

@@ -8,6 +8,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from .fileio import atomic_torch_save
 from .registry import Registry
 
 __all__ = ["EVALUATOR_REGISTRY", "EvaluatorBase", "Classification", "build_evaluator"]
@@ -90,8 +91,7 @@ class Classification(EvaluatorBase):
         if self._cmat:
             cmat = confusion_matrix(self._y_true, self._y_pred, normalize="true")
             out = os.path.join(self.cfg.OUTPUT_DIR, "cmat.pt")
-            os.makedirs(self.cfg.OUTPUT_DIR, exist_ok=True)
-            torch.save(torch.from_numpy(cmat), out)
+            atomic_torch_save(torch.from_numpy(cmat), out)
             print(f"Confusion matrix is saved to {out}")
         return results
 

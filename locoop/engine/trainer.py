@@ -28,6 +28,8 @@ changing the number of processes). A loss that is a mean over the batch equals i
 value with the global batch (CoOp's cross-entropy); a mean over a data-dependent subset (LoCoOp's
 entropy over the selected patches) becomes the average of per-rank means, exactly as under DDP. Validation/test loaders are sharded and the outputs gathered,
 so every image is evaluated once. Only rank 0 logs, shows progress bars and writes checkpoints.
+
+How to add a trainer: docs/ARCHITECTURE.md, "How to add ...".
 """
 from __future__ import annotations
 
@@ -50,6 +52,7 @@ from . import dist
 from .checkpoint import check_trainer, latest_checkpoint, load_checkpoint, resume_from_checkpoint, save_checkpoint
 from .evaluator import build_evaluator as _build_evaluator
 from .logger import AverageMeter, MetricMeter, setup_logger
+from .precision import grad_scaler
 from .seed import epoch_seed, get_rng_states
 
 __all__ = ["TrainerBase", "SimpleTrainer", "TrainerX", "select_device"]
@@ -135,9 +138,10 @@ class TrainerBase:
         return names
 
     def init_amp_scaler(self, enabled: bool = True) -> None:
-        """Create a GradScaler for mixed precision on CUDA (a no-op on CPU, which needs none)."""
+        """Create a GradScaler for mixed precision on CUDA (none on a CPU, unless the fp16-on-CPU test
+        mode of :mod:`locoop.engine.precision` is on)."""
         device = getattr(self, "device", torch.device("cpu"))
-        self.scaler = torch.amp.GradScaler(device.type) if enabled and device.type == "cuda" else None
+        self.scaler = grad_scaler(device, enabled)
 
     # ------------------------------------------------------------------ checkpoints
     def save_model(self, epoch: int, directory: str, is_best: bool = False, val_result: Optional[float] = None,
@@ -456,8 +460,21 @@ class SimpleTrainer(TrainerBase):
                   f"global batch {b * w} = {b} per process x {w}")
         self.build_evaluator()
 
+    #: Config sections this trainer reads; their rules (:mod:`locoop.config.checks`), required keys
+    #: included, run when the trainer is created, before any data or model is loaded.
+    CFG_SECTIONS: tuple = ()
+
     def check_cfg(self, cfg: Any) -> None:
-        """Check trainer-specific settings (optional); raise a clear error on a bad value."""
+        """Check the settings before anything is built: the rules of :attr:`CFG_SECTIONS`.
+
+        Override only for a check that no config section can state (and call ``super()``).
+
+        Raises:
+            ConfigError (a ValueError): the key, the bad value and what is valid.
+        """
+        from locoop.config.checks import check_sections
+
+        check_sections(cfg, ("ENGINE",) + tuple(self.CFG_SECTIONS))
 
     def build_data_loader(self) -> None:
         """Create ``self.dm`` and the loaders with :class:`locoop.data.DataManager`.

@@ -2,8 +2,9 @@
 
 ``python -m locoop extract`` encodes the ID test set and the OOD sets and stores, per set, the
 normalised features that :func:`locoop.ood.features.iter_feature_batches` yields: global
-``[N, D]`` in float32 (1 % of the bytes; kept at full precision so cached scores are bit-identical
-to uncached ones) and local ``[N, P, D]`` in float16, plus labels and paths. The OOD runner then
+``[N, D]`` in float32 (1 % of the bytes; kept at full precision so cached global scores are
+bit-identical to uncached ones) and local ``[N, P, D]`` in float16 (``OOD.CACHE_LOCAL_DTYPE``;
+float32 doubles the disk use and makes cached local scores bit-identical too), plus labels and paths. The OOD runner then
 finds the entry by its key and streams features from disk (memory-mapped), so evaluating another
 prompt checkpoint, score or temperature only recomputes the text side.
 
@@ -13,11 +14,12 @@ Key = SHA-256 of
     weights or another backbone never match; a tower with forward hooks is not cached at all;
   * the **preprocessing**: ``repr`` of the test transform (resize, crop, interpolation, mean/std);
   * the **files**: the image list in order with labels, sizes and modification times;
-  * the **compute**: device type and autocast (fp16 AMP features differ from fp32 ones).
+  * the **compute**: device type, autocast (fp16 AMP features differ from fp32 ones) and the stored
+    local-feature dtype.
 
 Layout: ``<cache dir>/<set>-<key[:20]>/manifest.json`` + ``part-XXXXX.pt`` files. An entry is
-built in a ``.tmp-*`` folder and renamed into place after its manifest is written, so a killed
-extraction never leaves a usable entry. A stale entry (another key for the same set), a foreign
+built in a hidden temporary folder and renamed into place after its manifest is written
+(:mod:`locoop.engine.fileio`), so a killed extraction never leaves a usable entry. A stale entry (another key for the same set), a foreign
 or corrupt one (unreadable manifest, format or key mismatch, missing or truncated part) is
 ignored with a message saying why, never used.
 
@@ -28,9 +30,16 @@ root (often read-only and shared) and outside run folders (so runs share it). Vi
 torchrun every rank writes the parts of its shard and reads the rows of its shard, so on several
 nodes the folder must be on a shared file system (the runner falls back to encoding otherwise).
 
-Scores from the cache are bit-identical to an uncached evaluation with the same
-``DATALOADER.TEST.BATCH_SIZE`` as the extraction (batches are aligned to it); with another batch
-size they agree to float rounding.
+Consistency with an uncached evaluation (which keeps local features in float32), for the same
+``DATALOADER.TEST.BATCH_SIZE`` as the extraction (batches are aligned to it; with another batch
+size everything agrees to float rounding only):
+
+* global scores (MCM, energy, max-logit, entropy, variance) and the ID accuracy: bit-identical;
+* local scores (L-MCM, GL-MCM) from a float16 entry: within the fp16 rounding of the stored
+  features. Each stored value has a relative error of at most ``2**-11``, so a local cosine moves by
+  at most ``2**-11`` and L-MCM = max softmax(cos / T) by at most ``2**-11 / T`` (GL-MCM by
+  ``lambda_local`` times that); measured differences are about ``1e-5`` (``tests/test_feature_cache.py``);
+* everything from a float32 entry (``OOD.CACHE_LOCAL_DTYPE float32``): bit-identical.
 """
 from __future__ import annotations
 
@@ -39,9 +48,7 @@ import json
 import os
 import re
 import shutil
-import socket
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
@@ -49,15 +56,17 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 import torch
 
 from locoop.engine import dist
+from locoop.engine.fileio import (atomic_torch_save, atomic_write_text, make_temp_folder, publish_folder,
+                                 remove_stale_temps)
+from locoop.engine.provenance import weights_sha256
 from locoop.ood.features import FeatureSet, concat_features, iter_feature_batches
 
 __all__ = ["CACHE_FORMAT", "MANIFEST", "default_cache_dir", "resolve_cache_dir", "visual_fingerprint",
            "preprocess_fingerprint", "files_fingerprint", "CacheKey", "make_key", "CachedFeatures",
            "FeatureCache", "CacheWriter", "extract_to_cache", "format_bytes", "directory_size"]
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: the visual key is the shared weights_sha256 (format 1 entries are re-extracted)
 MANIFEST = "manifest.json"
-_TMP_PREFIX = ".tmp-"
 _PART = "part-{:05d}.pt"
 
 PathLike = Union[str, os.PathLike]
@@ -101,14 +110,6 @@ def directory_size(path: PathLike) -> int:
 
 
 # ------------------------------------------------------------------------------------ fingerprints
-def _sha256_tensor(h: "hashlib._Hash", name: str, t: torch.Tensor) -> None:
-    t = t.detach()
-    h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-    if t.numel():
-        # Raw bytes of any dtype (bfloat16 included): reinterpret as uint8 on the CPU.
-        h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-
-
 def _has_hooks(module: torch.nn.Module) -> bool:
     for m in module.modules():
         if m._forward_hooks or m._forward_pre_hooks:
@@ -119,8 +120,8 @@ def _has_hooks(module: torch.nn.Module) -> bool:
 def visual_fingerprint(clip_model: torch.nn.Module) -> Optional[str]:
     """SHA-256 of the image encoder's weights, or None when its output cannot be keyed by them.
 
-    Hashes ``clip_model.visual`` (the whole model when it has no ``visual``): class names plus
-    every state-dict tensor. None when a module of the tower carries forward hooks (they may
+    :func:`locoop.engine.provenance.weights_sha256` of ``clip_model.visual`` (the whole model when
+    it has no ``visual``), with the model classes as header. None when a module of the tower carries forward hooks (they may
     change the features without changing any weight): such a model bypasses the cache.
     """
     visual = getattr(clip_model, "visual", None)
@@ -128,12 +129,9 @@ def visual_fingerprint(clip_model: torch.nn.Module) -> Optional[str]:
         visual = clip_model
     if _has_hooks(visual):
         return None
-    h = hashlib.sha256()
-    h.update(f"{type(clip_model).__module__}.{type(clip_model).__qualname__}|".encode())
-    h.update(f"{type(visual).__module__}.{type(visual).__qualname__}|".encode())
-    for name, t in sorted(visual.state_dict().items()):
-        _sha256_tensor(h, name, t)
-    return h.hexdigest()
+    header = (f"{type(clip_model).__module__}.{type(clip_model).__qualname__}|"
+              f"{type(visual).__module__}.{type(visual).__qualname__}|")
+    return weights_sha256(visual, header=header)
 
 
 def preprocess_fingerprint(tfm: Any) -> str:
@@ -177,20 +175,22 @@ class CacheKey:
 
 
 _COMPONENT_WORDS = {"visual": "image-encoder weights", "preprocess": "preprocessing", "files": "image files",
-                    "compute": "device/autocast"}
+                    "compute": "device/autocast/local-feature dtype"}
 
 
 def make_key(clip_model: torch.nn.Module, tfm: Any, items: Sequence[Any], device: Union[str, torch.device],
-             amp: bool, visual: Optional[str] = None) -> Optional[CacheKey]:
+             amp: bool, visual: Optional[str] = None, local_dtype: torch.dtype = torch.float16) -> Optional[CacheKey]:
     """The key of ``items`` encoded by ``clip_model`` with ``tfm`` on ``device`` (None: not cacheable).
 
     ``visual``: a :func:`visual_fingerprint` computed before (it hashes every weight, so callers
-    keying several sets with one model compute it once).
+    keying several sets with one model compute it once). ``local_dtype``: how the entry stores local
+    features (``OOD.CACHE_LOCAL_DTYPE``): a float32 request never reads a float16 entry.
     """
     vis = visual if visual is not None else visual_fingerprint(clip_model)
     if vis is None:
         return None
-    compute = f"{torch.device(device).type}|{'amp-fp16' if amp else 'no-autocast'}"
+    compute = (f"{torch.device(device).type}|{'amp-fp16' if amp else 'no-autocast'}|"
+               f"local-{str(local_dtype).replace('torch.', '')}")
     return CacheKey(vis, preprocess_fingerprint(tfm), files_fingerprint(items), compute)
 
 
@@ -296,7 +296,7 @@ class FeatureCache:
             return []
         out = []
         for p in sorted(self.directory.iterdir()):
-            if not p.is_dir() or p.name.startswith(_TMP_PREFIX):
+            if not p.is_dir() or p.name.startswith("."):  # hidden: a temporary folder
                 continue
             if name is None or p.name.rsplit("-", 1)[0] == _slug(name):
                 out.append(p)
@@ -369,10 +369,15 @@ class FeatureCache:
                 continue
             size = format_bytes(directory_size(path))
             try:
-                have = self.read_manifest(path).get("components") or {}
+                manifest = self.read_manifest(path)
             except ValueError as e:
                 self._say(f"Feature cache {path} ignored: {e} ({size}; delete it to free the space)")
                 continue
+            if manifest.get("format") != CACHE_FORMAT:
+                self._say(f"Feature cache {path} ignored: written in cache format {manifest.get('format')!r}, this "
+                          f"version reads {CACHE_FORMAT}; run extract again ({size}; delete it to free the space)")
+                continue
+            have = manifest.get("components") or {}
             differ = [_COMPONENT_WORDS[k] for k, v in key.as_dict().items() if have.get(k) != v]
             why = (", ".join(differ) + " differ") if differ else "its folder name does not match its key (renamed?)"
             self._say(f"Feature cache {path} ignored (stale or foreign): {why} ({size})")
@@ -385,31 +390,7 @@ class FeatureCache:
 
     def remove_stale_temps(self) -> int:
         """Delete temporary folders of this host whose writing process no longer runs; returns their count."""
-        if not self.directory.is_dir():
-            return 0
-        host = socket.gethostname()
-        n = 0
-        for p in self.directory.iterdir():
-            if not p.is_dir() or not p.name.startswith(_TMP_PREFIX):
-                continue
-            if p.name.startswith(_TMP_PREFIX + "old-") and time.time() - p.stat().st_mtime > 3600:
-                shutil.rmtree(p, ignore_errors=True)  # left by a swap in commit() that was interrupted
-                n += 1
-                continue
-            m = re.match(re.escape(_TMP_PREFIX) + r"(.+?)-(\d+)-[0-9a-f]{8}-", p.name)
-            if not (m and m.group(1) == _slug(host)):
-                continue
-            pid = int(m.group(2))
-            try:
-                os.kill(pid, 0)
-                continue  # still running
-            except ProcessLookupError:
-                pass
-            except PermissionError:
-                continue
-            shutil.rmtree(p, ignore_errors=True)
-            n += 1
-        return n
+        return remove_stale_temps(self.directory)
 
 
 class CacheWriter:
@@ -431,9 +412,7 @@ class CacheWriter:
         if dist.is_main_process():
             cache.directory.mkdir(parents=True, exist_ok=True)
             cache.remove_stale_temps()
-            tmp = cache.directory / (f"{_TMP_PREFIX}{_slug(socket.gethostname())}-{os.getpid()}-"
-                                     f"{uuid.uuid4().hex[:8]}-{self.final.name}")
-            tmp.mkdir()
+            tmp = make_temp_folder(self.final)
         self.tmp = Path(dist.broadcast_object(str(tmp) if tmp is not None else None))
         self._parts: List[Dict[str, Any]] = []
         self._skipped: Dict[str, str] = {}
@@ -450,8 +429,7 @@ class CacheWriter:
         if self.with_local:
             data["local"] = feats.local_feats.contiguous()
         fname = _PART.format(index)
-        path = self.tmp / fname
-        torch.save(data, path)
+        path = atomic_torch_save(data, self.tmp / fname)
         self._parts.append({"index": int(index), "file": fname, "rows": len(feats), "bytes": path.stat().st_size,
                             "local_dtype": str(feats.local_feats.dtype) if self.with_local else None})
 
@@ -482,19 +460,8 @@ class CacheWriter:
             "torch": torch.__version__,
             **self.meta,
         }
-        tmp_manifest = self.tmp / (MANIFEST + ".tmp")
-        with open(tmp_manifest, "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=1, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_manifest, self.tmp / MANIFEST)
-        old = None
-        if self.final.exists():  # same key written again (e.g. now with local features): swap
-            old = self.final.with_name(f"{_TMP_PREFIX}old-{uuid.uuid4().hex[:8]}-{self.final.name}")
-            os.replace(self.final, old)
-        os.replace(self.tmp, self.final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        atomic_write_text(self.tmp / MANIFEST, json.dumps(manifest, indent=1, default=str))
+        publish_folder(self.tmp, self.final, replace=True)  # same key written again (e.g. now with local): swap
         dist.barrier()
         return self.final
 
@@ -508,7 +475,8 @@ class CacheWriter:
 def extract_to_cache(cache: FeatureCache, name: str, items: Sequence[Any], clip_model: torch.nn.Module,
                      make_loader: Any, tfm: Any, device: Union[str, torch.device], amp: bool = False,
                      with_local: bool = True, chunk_images: int = 10000, batch_size: int = 1,
-                     meta: Optional[Dict[str, Any]] = None, progress: Optional[bool] = None) -> Optional[Path]:
+                     meta: Optional[Dict[str, Any]] = None, progress: Optional[bool] = None,
+                     local_dtype: torch.dtype = torch.float16) -> Optional[Path]:
     """Encode ``items`` and write their entry; sharded over the ranks in a distributed run.
 
     Args:
@@ -526,6 +494,7 @@ def extract_to_cache(cache: FeatureCache, name: str, items: Sequence[Any], clip_
         batch_size: the loader's batch size (parts and shards are aligned to it).
         meta: extra manifest fields (backbone name, preprocessing text, ...).
         progress: tqdm bars (None: when stderr is a terminal, rank 0 only).
+        local_dtype: storage dtype of the local features (float16 halves the disk use; part of the key).
 
     Returns:
         The entry path (rank 0), else None.
@@ -533,7 +502,7 @@ def extract_to_cache(cache: FeatureCache, name: str, items: Sequence[Any], clip_
     Raises:
         ValueError: the model cannot be keyed (hooks on the image encoder).
     """
-    key = make_key(clip_model, tfm, items, device, amp)
+    key = make_key(clip_model, tfm, items, device, amp, local_dtype=local_dtype)
     if key is None:
         raise ValueError("the image encoder has forward hooks, so its features cannot be keyed by its weights; "
                          "remove the hooks before extracting")
@@ -552,7 +521,7 @@ def extract_to_cache(cache: FeatureCache, name: str, items: Sequence[Any], clip_
             hi = min(shard.stop, lo + chunk_images)
             loader = make_loader(items, range(lo, hi))
             batches = list(iter_feature_batches(clip_model, loader, device, with_local=with_local, amp=amp,
-                                                progress=progress, desc=f"{name} [{lo}:{hi}]"))
+                                                local_dtype=local_dtype, progress=progress, desc=f"{name} [{lo}:{hi}]"))
             skipped = dict(getattr(loader, "skipped", {}) or {})
             writer.add_part(lo, concat_features(batches, skipped) if batches else None, skipped)
     except BaseException:

@@ -3,9 +3,10 @@
 One extraction path (:func:`iter_feature_batches`, collected by :func:`extract_features`)
 serves the OOD benchmark, SeTAR and the feature cache, so every consumer sees the same
 features: CLIP's projected global feature and the per-patch local features (LoCoOp's value
-path), both L2-normalised in float32. Local features are stored in float16 by default (values in
-[-1, 1]; 196 x 512 x 2 bytes = 200 KB per ViT-B/16 image) and converted back to float32 for every
-computation.
+path), both L2-normalised in float32 and kept in float32, so scores are computed from exactly
+what the model produced. Only the feature cache stores local features in float16 (values in
+[-1, 1]; 196 x 512 x 2 bytes = 200 KB per ViT-B/16 image instead of 400 KB; ``OOD.CACHE_LOCAL_DTYPE``),
+read back as float32 for every computation.
 
 The benchmark streams batches and keeps only the scores, so its memory does not grow with the
 data set; consumers that reuse features (SeTAR, the cache) keep the whole :class:`FeatureSet`.
@@ -16,13 +17,14 @@ similarities chunk by chunk (never the whole ``[N, P, C]`` local tensor at once)
 from __future__ import annotations
 
 import sys
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from locoop.engine.precision import autocast
 
 __all__ = ["FeatureSet", "extract_features", "iter_feature_batches", "concat_features", "normalize_text_features",
            "iter_similarities", "score_features"]
@@ -65,14 +67,8 @@ class FeatureSet:
         return 0 if self.local_feats is None else int(self.local_feats.shape[1])
 
 
-def _autocast(device: torch.device, amp: bool):
-    if amp and device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.float16)
-    return nullcontext()
-
-
 def iter_feature_batches(clip_model: torch.nn.Module, loader: Iterable[dict], device: Device = "cpu",
-                         with_local: bool = True, amp: bool = False, local_dtype: torch.dtype = torch.float16,
+                         with_local: bool = True, amp: bool = False, local_dtype: torch.dtype = torch.float32,
                          progress: Optional[bool] = None, desc: str = "features") -> Iterator[FeatureSet]:
     """Encode ``loader`` batch by batch: one :class:`FeatureSet` per batch (``skipped`` left 0).
 
@@ -86,7 +82,7 @@ def iter_feature_batches(clip_model: torch.nn.Module, loader: Iterable[dict], de
         progress = sys.stderr.isatty()
     for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
         images = batch["img"].to(device, non_blocking=True)
-        with torch.no_grad(), _autocast(device, amp):
+        with torch.no_grad(), autocast(device, amp):
             out = clip_model.encode_image(images, return_local=with_local)
             glob, loc = out if with_local else (out, None)
             # Normalise in float32: fp16 norms of 512-d vectors lose digits the scores can see.
@@ -102,7 +98,7 @@ def _skipped(loader: Iterable[dict]) -> Dict[str, str]:
 
 
 def extract_features(clip_model: torch.nn.Module, loader: Iterable[dict], device: Device = "cpu",
-                     with_local: bool = True, amp: bool = False, local_dtype: torch.dtype = torch.float16,
+                     with_local: bool = True, amp: bool = False, local_dtype: torch.dtype = torch.float32,
                      progress: Optional[bool] = None, desc: str = "features") -> FeatureSet:
     """Encode every image of ``loader`` once: normalised global (and local) features.
 
@@ -113,8 +109,10 @@ def extract_features(clip_model: torch.nn.Module, loader: Iterable[dict], device
             data layer's loaders; their ``skipped`` attribute is read afterwards).
         device: where the model runs; batches are moved there (non-blocking).
         with_local: also keep the per-patch features (needed by L-MCM / GL-MCM and LoCoOp's loss).
-        amp: autocast to float16 on CUDA (ignored on CPU).
-        local_dtype: storage dtype of the local features (float16 halves the memory).
+        amp: autocast to float16 on CUDA (ignored on CPU unless the fp16-on-CPU test mode is on, see
+            :mod:`locoop.engine.precision`).
+        local_dtype: dtype of the returned local features (float32; float16 halves the memory, and
+            moves L-MCM / GL-MCM by the fp16 rounding: the feature cache's choice).
         progress: show a tqdm bar (None: only when stderr is a terminal).
         desc: progress-bar label.
 

@@ -12,14 +12,13 @@ import csv
 import io
 import json
 import math
-import platform
-import sys
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Union
 
 import numpy as np
 
 from locoop.engine.fileio import atomic_write_text
+from locoop.engine.provenance import environment
 from locoop.ood.metrics import FPR_CONVENTION
 
 RESULTS_FORMAT_VERSION = 1
@@ -33,48 +32,8 @@ Results = Mapping[str, Mapping[str, Mapping[str, float]]]
 
 
 
-
-def _version(module: str) -> Optional[str]:
-    try:
-        mod = __import__(module)
-    except Exception:  # an optional package that is absent or broken is just "not installed"
-        return None
-    return getattr(mod, "__version__", "unknown")
-
-
-def collect_env(device: Optional[Any] = None) -> Dict[str, Any]:
-    """Library versions and hardware for reproducibility.
-
-    Args:
-        device: the device the run used (``torch.device`` or string); default: cuda if
-            available else cpu.
-
-    Returns:
-        A JSON-serialisable dict: python, platform, torch, torchvision, numpy, sklearn,
-        matplotlib, package version, cuda/cudnn versions, device and GPU name.
-    """
-    import torch
-
-    import locoop
-
-    dev = str(device) if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
-    env: Dict[str, Any] = {
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "locoop": getattr(locoop, "__version__", "unknown"),
-        "torch": torch.__version__,
-        "torchvision": _version("torchvision"),
-        "numpy": np.__version__,
-        "sklearn": _version("sklearn"),
-        "matplotlib": _version("matplotlib"),
-        "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-        "device": dev,
-    }
-    if dev.startswith("cuda") and torch.cuda.is_available():
-        idx = torch.device(dev).index
-        env["gpu"] = torch.cuda.get_device_name(idx if idx is not None else torch.cuda.current_device())
-    return env
+# The environment record of results files (library versions, hardware): one helper for every run record.
+collect_env = environment
 
 
 def _check_results(results: Results) -> None:

@@ -49,6 +49,8 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from clip.registry import Registry, RegistryError  # noqa: F401  (RegistryError: what get_score raises)
+
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
 # Default size of one chunk in elements (rows * patches * classes): 16M float32 = 64 MiB
@@ -111,14 +113,13 @@ class ScoreSpec:
     description: str
 
 
-SCORE_REGISTRY: Dict[str, ScoreSpec] = {}
-
-# Extra spellings accepted by get_score (after normalisation, see _normalise).
-_ALIASES = {"var": "variance", "maxcos": "max-logit", "energycos": "energy"}
-
-
 def _normalise(name: str) -> str:
     return "".join(ch for ch in name.lower() if ch not in "-_ ")
+
+
+# Lookups ignore case, '-', '_' and spaces; a few extra spellings are accepted.
+SCORE_REGISTRY = Registry("SCORE", kind="OOD score", plural="scores", normalize=_normalise,
+                          aliases={"var": "variance", "maxcos": "max-logit", "energycos": "energy"})
 
 
 def register_score(name: str, needs_local: bool = False, description: str = ""):
@@ -128,14 +129,13 @@ def register_score(name: str, needs_local: bool = False, description: str = ""):
         name: display name (also the key in results files).
         needs_local: True when the score reads per-patch similarities.
         description: one line for ``list_scores`` / help texts.
+
+    Raises:
+        RegistryError: the name (ignoring case, '-', '_' and spaces) is taken.
     """
 
     def deco(fn: Callable[[_ChunkStats], torch.Tensor]):
-        key = _normalise(name)
-        for existing in SCORE_REGISTRY.values():
-            if _normalise(existing.name) == key:
-                raise ValueError(f"score {name!r} is already registered (as {existing.name!r})")
-        SCORE_REGISTRY[name] = ScoreSpec(name, fn, needs_local, description)
+        SCORE_REGISTRY.register(ScoreSpec(name, fn, needs_local, description), name=name)
         return fn
 
     return deco
@@ -190,23 +190,19 @@ def list_scores(local: Optional[bool] = None) -> List[str]:
     Args:
         local: None for all, True for only those needing local features, False for the others.
     """
-    return [n for n, s in SCORE_REGISTRY.items() if local is None or s.needs_local == local]
+    return SCORE_REGISTRY.list(lambda n, s: local is None or s.needs_local == local)
 
 
 def get_score(name: str) -> ScoreSpec:
     """Look a score up by name (case, '-', '_' and spaces ignored; 'var' = 'variance').
 
     Raises:
-        ValueError: unknown name; the message lists the valid names.
+        RegistryError (a ValueError): unknown name; the message names the closest and all valid names.
+        TypeError: ``name`` is not a string.
     """
     if not isinstance(name, str):
         raise TypeError(f"score name must be a string, got {type(name).__name__}")
-    key = _normalise(name)
-    key = _ALIASES.get(key, key)
-    for spec in SCORE_REGISTRY.values():
-        if _normalise(spec.name) == _normalise(key):
-            return spec
-    raise ValueError(f"unknown OOD score {name!r}; valid scores: {', '.join(list_scores())}")
+    return SCORE_REGISTRY.get(name)
 
 
 def resolve_score_names(names: Optional[Union[str, Iterable[str]]], have_local: bool) -> List[str]:

@@ -1,4 +1,4 @@
-"""SeTAR: training-free low-rank pruning search on CLIP weights (DESIGN.md section 8).
+"""SeTAR: training-free low-rank pruning search on CLIP weights (docs/ARCHITECTURE.md, "setar-search").
 
 - :mod:`~locoop.setar.lowrank` -- address weight matrices, apply/revert low-rank approximations;
 - :mod:`~locoop.setar.searchers` -- the order in which the search visits matrices;

@@ -40,13 +40,14 @@ checkpoint never silently lands on another base model or other settings.
 from __future__ import annotations
 
 import copy
-import hashlib
 import math
 import re
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+
+from locoop.engine.provenance import weights_sha256
 
 from .lowrank import BLOCK_WEIGHT_TYPES, LowRankEditor, get_linear, n_removed, num_layers
 from .settings import validate_settings
@@ -95,20 +96,12 @@ def _param_key(key: Key, which: str) -> str:
 
 
 def base_weights_sha256(model: nn.Module) -> str:
-    """SHA-256 over the names, dtypes, shapes and bytes of ``model.state_dict()`` (sorted by name).
+    """:func:`locoop.engine.provenance.weights_sha256` of the base model (before adapters are injected).
 
     Identifies the base model independently of its file format or location (a TorchScript archive
-    and a state-dict file of the same weights hash the same). Must be computed before adapters are
-    injected.
+    and a state-dict file of the same weights hash the same).
     """
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        if not isinstance(t, torch.Tensor):
-            continue
-        t = t.detach().to("cpu").contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode("utf-8"))
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    return weights_sha256(model)
 
 
 # ============================================================================ peft injection

@@ -24,7 +24,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import zip_longest
-from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence
+from typing import Callable, List, Mapping, NamedTuple, Optional, Sequence
+
+from clip.registry import Registry
 
 from .lowrank import BLOCK_WEIGHT_TYPES, WEIGHT_TYPES
 
@@ -57,16 +59,18 @@ class Searcher:
     description: str = ""
 
 
-SEARCHERS: Dict[str, Searcher] = {}
+SEARCHERS = Registry("SEARCHER", kind="searcher")
 
 
 def register_searcher(name: str, exhaustive: bool = False, description: str = ""):
-    """Decorator registering an order function under ``name``."""
+    """Decorator registering an order function under ``name``.
+
+    Raises:
+        RegistryError: the name is taken.
+    """
 
     def deco(fn):
-        if name in SEARCHERS:
-            raise ValueError(f"searcher {name!r} is already registered")
-        SEARCHERS[name] = Searcher(name, fn, exhaustive, description)
+        SEARCHERS.register(Searcher(name, fn, exhaustive, description), name=name)
         return fn
 
     return deco
@@ -74,18 +78,16 @@ def register_searcher(name: str, exhaustive: bool = False, description: str = ""
 
 def list_searchers() -> List[str]:
     """Names of the registered searchers."""
-    return list(SEARCHERS)
+    return SEARCHERS.registered_names()
 
 
 def get_searcher(name: str) -> Searcher:
     """Look up a searcher by name.
 
     Raises:
-        ValueError: unknown name, listing the valid ones.
+        RegistryError (a ValueError): unknown name, naming the closest and all valid ones.
     """
-    if name not in SEARCHERS:
-        raise ValueError(f"unknown searcher {name!r}; valid searchers: {', '.join(SEARCHERS)}")
-    return SEARCHERS[name]
+    return SEARCHERS.get(name)
 
 
 def check_weight_types(weight_types: Sequence[str]) -> List[str]:

@@ -4,9 +4,12 @@ Precision (``TRAINER.LOCOOP.PREC``, as CoOp/LoCoOp):
 
 * ``fp16``: CLIP's weights in half precision as shipped (LayerNorms compute in fp32); the learned
   context is fp16 too. CUDA only: on a CPU the model stays fp32 (half-precision matmuls there are
-  slow or unsupported), with a note.
+  slow), with a note.
 * ``fp32``: everything in fp32.
 * ``amp``: fp32 weights, forward under ``torch.autocast`` (fp16) with a GradScaler; on CPU plain fp32.
+
+The test suite runs the fp16 / amp code on a CPU too, with ``LOCOOP_HALF_ON_CPU=1``
+(:mod:`locoop.engine.precision`, which owns the precision rules).
 """
 from __future__ import annotations
 
@@ -15,24 +18,21 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-__all__ = ["PRECISIONS", "load_clip_to_cpu", "resolve_precision", "load_clip", "backbone_name"]
+from locoop.engine.precision import PRECISIONS, resolve_precision
 
-PRECISIONS = ("fp16", "fp32", "amp")
+__all__ = ["PRECISIONS", "load_clip_to_cpu", "resolve_precision", "load_clip", "backbone_name"]
 
 
 def backbone_name(cfg: Any) -> str:
     """``MODEL.BACKBONE.NAME``, checked to be set.
 
     Raises:
-        ValueError: empty name (lists the available model names).
+        ConfigError (a ValueError): empty name (lists the available model names).
     """
-    name = str(cfg.MODEL.BACKBONE.NAME or "").strip()
-    if not name:
-        import clip
+    from locoop.config.checks import check_sections
 
-        raise ValueError("MODEL.BACKBONE.NAME is empty: set it to a CLIP model name "
-                         f"({', '.join(clip.available_models())}) or the path of a checkpoint file/folder")
-    return name
+    check_sections(cfg, ("MODEL.BACKBONE",))
+    return str(cfg.MODEL.BACKBONE.NAME).strip()
 
 
 def load_clip_to_cpu(cfg: Any, download_root: Optional[str] = None) -> nn.Module:
@@ -46,19 +46,6 @@ def load_clip_to_cpu(cfg: Any, download_root: Optional[str] = None) -> nn.Module
     name = backbone_name(cfg)
     model, _ = clip.load(name, device="cpu", download_root=download_root)
     return model
-
-
-def resolve_precision(prec: str, device: Union[str, torch.device]) -> str:
-    """The precision actually used: ``fp16`` and ``amp`` need CUDA and fall back to ``fp32`` elsewhere.
-
-    Raises:
-        ValueError: unknown precision name.
-    """
-    if prec not in PRECISIONS:
-        raise ValueError(f"TRAINER.LOCOOP.PREC must be one of {PRECISIONS}, got {prec!r}")
-    if torch.device(device).type != "cuda" and prec != "fp32":
-        return "fp32"
-    return prec
 
 
 def load_clip(cfg: Any, device: Union[str, torch.device], prec: Optional[str] = None,
@@ -82,6 +69,8 @@ def load_clip(cfg: Any, device: Union[str, torch.device], prec: Optional[str] = 
         print(f"Loading CLIP (backbone: {cfg.MODEL.BACKBONE.NAME})")
         if used != prec:
             print(f"Note: PREC={prec!r} needs CUDA; running in fp32 on {device}")
+        elif used != "fp32" and torch.device(device).type != "cuda":
+            print(f"Note: PREC={prec!r} on {device} (fp16-on-CPU test mode)")
     model = load_clip_to_cpu(cfg).float()
     model = model.to(device)
     if used == "fp16":

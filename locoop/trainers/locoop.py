@@ -9,7 +9,7 @@ Public interface for evaluation code: ``trainer.clip_model`` (the frozen CLIP) a
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -18,9 +18,9 @@ from torch import nn
 from locoop.engine.registry import TRAINER_REGISTRY
 
 from .base import PromptTrainer
-from .clip_backbone import PRECISIONS, load_clip
+from .clip_backbone import load_clip
 from .loss import locoop_loss
-from .prompt_learner import CLASS_TOKEN_POSITIONS, PromptLearner
+from .prompt_learner import PromptLearner
 from .text_encoder import TextEncoder
 
 Tensor = torch.Tensor
@@ -118,21 +118,8 @@ class LoCoOp(PromptTrainer):
     def lambda_value(self) -> float:
         return float(self.cfg.TRAINER.LOCOOP.LAMBDA)
 
-    def check_cfg(self, cfg: Any) -> None:
-        c = cfg.TRAINER.LOCOOP
-        if c.PREC not in PRECISIONS:
-            raise ValueError(f"TRAINER.LOCOOP.PREC must be one of {PRECISIONS}, got {c.PREC!r}")
-        if c.CLASS_TOKEN_POSITION not in CLASS_TOKEN_POSITIONS:
-            raise ValueError(f"TRAINER.LOCOOP.CLASS_TOKEN_POSITION must be one of {CLASS_TOKEN_POSITIONS}, "
-                             f"got {c.CLASS_TOKEN_POSITION!r}")
-        if not c.CTX_INIT and int(c.N_CTX) < 1:
-            raise ValueError(f"TRAINER.LOCOOP.N_CTX must be at least 1 (or set CTX_INIT), got {c.N_CTX}")
-        if float(c.LAMBDA) < 0:
-            raise ValueError(f"TRAINER.LOCOOP.LAMBDA (--lambda_value) must be >= 0, got {c.LAMBDA}")
-        if int(c.TOPK) < 1:
-            raise ValueError(f"TRAINER.LOCOOP.TOPK (--topk) must be >= 1, got {c.TOPK}")
-        if not str(cfg.MODEL.BACKBONE.NAME or "").strip():
-            raise ValueError("MODEL.BACKBONE.NAME is empty: set a CLIP model name (e.g. ViT-B/16) or a checkpoint path")
+    #: Checked when the trainer is created (locoop/config/checks.py).
+    CFG_SECTIONS = ("MODEL.BACKBONE", "TRAINER.LOCOOP")
 
     # ------------------------------------------------------------------ model
     def build_model(self) -> None:
@@ -213,8 +200,9 @@ class LoCoOp(PromptTrainer):
             return self.model.text_features()
 
     def model_inference(self, input: Tensor) -> Tensor:
-        """Global logits ``[B, C]``."""
-        return self.model(input, return_local=False, text_features=self._eval_text_features)
+        """Global logits ``[B, C]`` (under the same autocast as ``text_features``: with ``amp`` both are fp16)."""
+        with self.autocast():
+            return self.model(input, return_local=False, text_features=self._eval_text_features)
 
 
 @TRAINER_REGISTRY.register("CoOp")

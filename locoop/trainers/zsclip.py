@@ -5,7 +5,7 @@ evaluation uses ``"a photo of a {}"`` (no full stop): ``configs/zeroshot/{MCM,GL
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from locoop.engine.registry import TRAINER_REGISTRY
 from locoop.engine.trainer import TrainerX
 
-from .clip_backbone import PRECISIONS, load_clip
+from .clip_backbone import load_clip
 from .prompt_learner import zero_shot_text_features
 
 Tensor = torch.Tensor
@@ -33,15 +33,8 @@ class ZeroshotCLIP(TrainerX):
 
     template = ZS_TEMPLATE
 
-    def check_cfg(self, cfg: Any) -> None:
-        if cfg.TRAINER.LOCOOP.PREC not in PRECISIONS:
-            raise ValueError(f"TRAINER.LOCOOP.PREC must be one of {PRECISIONS}, got {cfg.TRAINER.LOCOOP.PREC!r}")
-        if not str(cfg.MODEL.BACKBONE.NAME or "").strip():
-            raise ValueError("MODEL.BACKBONE.NAME is empty: set a CLIP model name (e.g. ViT-B/16) or a checkpoint path")
-        template = str(cfg.TRAINER.ZSCLIP.PROMPT_TEMPLATE)
-        if template.count("{}") != 1:
-            raise ValueError(f"TRAINER.ZSCLIP.PROMPT_TEMPLATE must contain '{{}}' once for the class name, got "
-                             f"{template!r} (MCM / GL-MCM: 'a photo of a {{}}')")
+    #: Checked when the trainer is created (locoop/config/checks.py).
+    CFG_SECTIONS = ("MODEL.BACKBONE", "TRAINER.LOCOOP", "TRAINER.ZSCLIP")
 
     def build_model(self) -> None:
         cfg = self.cfg
