@@ -91,7 +91,7 @@ def _run(args: argparse.Namespace) -> int:
                              "OUTPUT_OF_SEARCH/best_settings.json (SETAR.SETTINGS_FILE)")
         from locoop.setar.settings import load_settings
 
-        load_settings(settings_file)  # format now; layers and ratios once the model is loaded
+        load_settings(settings_file)  # form and completion marker now; layers and ratios once the model is loaded
     if not args.no_test:
         from locoop.ood.runner import check_benchmark_inputs
 
@@ -111,10 +111,12 @@ def _run(args: argparse.Namespace) -> int:
         described = trainer.describe()
         extra = {"adapters": described}
         if cfg.TRAINER.NAME == "SeTARFT":
+            from locoop.engine import dist
             from locoop.setar.settings import save_settings
 
             extra["settings_file"] = os.path.abspath(settings_file)
-            save_settings(os.path.join(cfg.OUTPUT_DIR, "finetune_settings.json"), described["settings"])
+            if dist.is_main_process():  # under torchrun rank 0 writes
+                save_settings(os.path.join(cfg.OUTPUT_DIR, "finetune_settings.json"), described["settings"])
         write_run_info(cfg, trainer, extra=extra)
         trainer.final_test = False  # the benchmark below reports the ID accuracy on the same test split
         trainer.train()
