@@ -61,7 +61,7 @@ def test_local_features_match_naive_value_path(model):
 
 
 def test_local_features_hand_computed_value_path():
-    """ViT local features are ln_post/proj of the last block's value path (DESIGN.md section 4)."""
+    """ViT local features are ln_post/proj of the last block's value path (LoCoOp's local features)."""
     model = _random_model(VIT, seed=1)
     images = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
@@ -102,6 +102,33 @@ def test_forward_from_every_layer_matches_full_forward():
             torch.testing.assert_close(out[0], ref[0], rtol=0, atol=1e-6)
             torch.testing.assert_close(out[1], ref[1], rtol=0, atol=1e-6)
             x = model.visual.transformer.resblocks[start](x)
+
+
+def test_block_level_access_is_the_encoders_path():
+    """Stem, blocks start..end, finish (with or without the projection) and project, per tower: the
+    operations of encode_image / encode_text, so a cached prefix plus finish gives the same bits."""
+    model = _random_model(VIT)
+    images, toks = torch.randn(2, 3, 32, 32), _tokens()
+    assert (model.num_visual_blocks, model.num_text_blocks) == (2, 2)
+    with torch.no_grad():
+        glob, local = model.encode_image(images, return_local=True)
+        text = model.encode_text(toks)
+        eot = toks.argmax(-1)
+        for start in range(2):
+            h = model.visual_blocks(model.visual_stem(images), 0, start)
+            g, loc = model.visual_finish(h, start)
+            assert torch.equal(g, glob) and torch.equal(loc, local)
+            pre_g, pre_l = model.visual_finish(h, start, project=False)
+            assert pre_g.shape == (2, 64) and torch.equal(model.visual_project(pre_g), glob)
+            assert torch.equal(model.visual_project(pre_l), local)
+            t = model.text_blocks(model.text_stem(model.token_embedding(toks), eot), 0, start)
+            assert torch.equal(model.text_finish(t, start, eot), text)
+            assert torch.equal(model.text_project(model.text_finish(t, start, eot, project=False)), text)
+        assert model.text_stem(model.token_embedding(toks), eot).shape[1] == int(eot.max()) + 1  # cut after the EOT
+    rn = _random_model(RN)
+    assert rn.num_visual_blocks == 0
+    with pytest.raises(ValueError, match="ModifiedResNet, which has no transformer blocks"):
+        rn.visual_stem(torch.randn(1, 3, 64, 64))
 
 
 def test_other_input_resolution_interpolates_positions(model):

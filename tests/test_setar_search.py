@@ -336,7 +336,10 @@ def test_search_script_end_to_end(tmp_path):
     assert results["meta"]["setar"]["settings"] == settings
     assert set(results["scores"]) == {"MCM", "GL-MCM"}
     assert set(results["scores"]["MCM"]) >= {"iNaturalist", "SUN", "Places", "Texture"}
-    assert 0.0 <= results["id_accuracy"] <= 100.0
+    import numpy as np
+
+    npz = np.load(out / "ood_scores.npz")
+    assert results["id_accuracy"] == pytest.approx(100.0 * float((npz["id_predictions"] == npz["id_labels"]).mean()))
 
     # naive mode: same settings, same criteria
     out_naive = tmp_path / "run_naive"

@@ -30,8 +30,8 @@ from torch import nn
 Tensor = torch.Tensor
 Features = Union[Tensor, Tuple[Tensor, Tensor]]
 
-__all__ = ["DEFAULT_TEXT_CHUNK", "ClassPrompts", "zero_shot_prompts", "l2_normalize", "class_logits", "num_correct", "accuracy",
-           "ImageClassifier", "CLIPHead", "CLIPClassifier", "zero_shot_text_features"]
+__all__ = ["DEFAULT_TEXT_CHUNK", "ClassPrompts", "zero_shot_prompts", "l2_normalize", "class_logits", "num_correct",
+           "accuracy", "ImageClassifier", "CLIPHead", "CLIPClassifier", "zero_shot_text_features"]
 
 DEFAULT_TEXT_CHUNK = 256  # prompts per text forward pass
 

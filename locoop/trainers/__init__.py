@@ -15,6 +15,7 @@ from .zsclip import SeTARZeroshotCLIP, ZeroshotCLIP
 
 __all__ = [
     "CoOp", "CustomCLIP", "LoCoOp", "PromptLearner", "PromptTrainer", "SeTARZeroshotCLIP", "TextEncoder",
-    "ZeroshotCLIP", "encode_text_naive", "encode_text_shared_prefix", "encode_text_truncated", "entropy", "load_clip", "load_clip_to_cpu",
-    "locoop_loss", "ood_entropy_loss", "resolve_precision", "select_ood_patches", "zero_shot_text_features",
+    "ZeroshotCLIP", "encode_text_naive", "encode_text_shared_prefix", "encode_text_truncated", "entropy", "load_clip",
+    "load_clip_to_cpu", "locoop_loss", "ood_entropy_loss", "resolve_precision", "select_ood_patches",
+    "zero_shot_text_features",
 ]
