@@ -454,3 +454,16 @@ def test_setar_config_defaults_are_setars():
     imagenet = merge_from_file(get_cfg_default(), str(configs / "imagenet" / "SeTAR.yaml"))
     assert (imagenet.SETAR.LAMBDA, imagenet.SETAR.TOPK, imagenet.SETAR.SEARCHER) == (0.10, 300, "visual_text")
     assert list(imagenet.OOD.SCORES) == ["MCM", "GL-MCM"]
+
+
+def test_search_trainer_checks():
+    from locoop.commands.setar_search import check_search_trainer
+
+    assert check_search_trainer("SeTARZeroshotCLIP", None).__name__ == "SeTARZeroshotCLIP"
+    assert check_search_trainer("CoOp", "run").__name__ == "CoOp"
+    with pytest.raises(ValueError, match="learns its prompts: give its run folder with --model-dir"):
+        check_search_trainer("LoCoOp", None)
+    with pytest.raises(ValueError, match="no learned prompts to load from --model-dir"):
+        check_search_trainer("ZeroshotCLIP", "run")
+    with pytest.raises(ValueError, match="unknown trainer"):
+        check_search_trainer("Nope", None)

@@ -44,8 +44,8 @@ import os
 import sys
 from typing import Any, Dict, Optional, Tuple
 
-from locoop.commands._common import (add_common_arguments, build_cfg, check_model_dir, prepare_run, read_run_info,
-                                     run_command)
+from locoop.commands._common import (add_common_arguments, build_cfg, check_model_dir, check_trainer, prepare_run,
+                                     read_run_info, run_command, trainer_needs_checkpoint)
 
 NO_SETTINGS = "none"
 ZERO_SHOT_TRAINER = "SeTARZeroshotCLIP"
@@ -181,6 +181,27 @@ def check_prompt_checkpoint(model_dir: str, epoch: Optional[int], dataset: Any, 
     return {"prompts": "learned", "prompt_checkpoint": path, "prompt_epoch": ckpt.get("epoch")}
 
 
+def check_search_trainer(name: str, model_dir: Optional[str]) -> type:
+    """The trainer class setar-search builds: one with fixed class prompts, and its checkpoint if it needs one.
+
+    Raises:
+        ValueError: unknown trainer, one without ``class_prompts()``, or a prompt learner without ``--model-dir``.
+    """
+    from locoop.trainers.base import PromptTrainer
+
+    cls = check_trainer(name)
+    if getattr(cls, "class_prompts", PromptTrainer.class_prompts) is PromptTrainer.class_prompts:
+        raise ValueError(f"setar-search prunes a CLIP model with fixed class prompts; trainer {name!r} has none "
+                         f"(class_prompts()); use {ZERO_SHOT_TRAINER} (zero-shot) or --model-dir of a LoCoOp/CoOp run")
+    if trainer_needs_checkpoint(cls) and not model_dir:
+        raise ValueError(f"trainer {name!r} learns its prompts: give its run folder with --model-dir, or leave "
+                         f"TRAINER.NAME empty for zero-shot prompts (SETAR.PROMPT_TEMPLATE)")
+    if model_dir and not trainer_needs_checkpoint(cls):
+        raise ValueError(f"trainer {name!r} has no learned prompts to load from --model-dir {model_dir}; leave "
+                         "TRAINER.NAME empty to use the trainer that saved them")
+    return cls
+
+
 def _sha256_tensor(t) -> str:
     import torch
 
@@ -263,8 +284,6 @@ def _cfg_identity(cfg: Any) -> Dict[str, Any]:
     """What the search results depend on that the config alone says (checked before anything loads)."""
     ident: Dict[str, Any] = {
         "dataset": str(cfg.DATASET.NAME),
-        "backbone": str(cfg.MODEL.BACKBONE.NAME),
-        "val_split_file": str(cfg.DATASET.VAL_SPLIT_FILE),
         "preprocessing": {"INPUT.SIZE": list(cfg.INPUT.SIZE), "INPUT.INTERPOLATION": str(cfg.INPUT.INTERPOLATION),
                           "INPUT.PIXEL_MEAN": list(cfg.INPUT.PIXEL_MEAN), "INPUT.PIXEL_STD": list(cfg.INPUT.PIXEL_STD),
                           "INPUT.TRANSFORMS": list(cfg.INPUT.TRANSFORMS),
@@ -312,14 +331,14 @@ def _check_run_folder(cfg: Any, search: bool, settings: Optional[list], checked:
     return None
 
 
-def _identity_extra(cfg: Any, trainer: Any, prompts: Any, prompt_meta: dict, val: list) -> Dict[str, Any]:
+def _identity_extra(cfg: Any, trainer: Any, prompts: Any, val: list) -> Dict[str, Any]:
     """Everything the search results depend on beyond :func:`locoop.setar.search.search_identity`'s arguments."""
     from locoop.setar.adapters import base_weights_sha256
 
     ident = _cfg_identity(cfg)
+    # Contents, not paths: a moved checkpoint or data folder resumes; other weights or prompts do not.
     ident["backbone_sha256"] = base_weights_sha256(trainer.clip_model)
-    ident["prompts"] = {"trainer": str(cfg.TRAINER.NAME), "source": prompt_meta.get("prompt_checkpoint")
-                        or prompt_meta.get("prompts"),
+    ident["prompts"] = {"trainer": str(cfg.TRAINER.NAME),
                         "sha256": _sha256_tensor(prompts.tokens if prompts.tokens is not None else prompts.embeddings)}
     ident["val_split"] = {"images": len(val), "sha256": _items_sha256(cfg, val)}
     if "ood_val_datasets" in ident:
@@ -345,6 +364,7 @@ def _run(args: argparse.Namespace) -> int:
         cfg.TRAINER.NAME = str(cfg.TRAINER.NAME or "").strip() or ZERO_SHOT_TRAINER
     cfg.TRAINER.LOCOOP.PREC = "fp32"  # SeTAR's precision, recorded as what ran
     cfg.freeze()
+    check_search_trainer(cfg.TRAINER.NAME, args.model_dir)
     settings_file = _settings_file(cfg)
     search = not settings_file
     checked = check_setar_cfg(cfg, search)
@@ -379,7 +399,8 @@ def _run(args: argparse.Namespace) -> int:
         prompt_meta = check_prompt_checkpoint(args.model_dir, args.load_epoch, dataset, cfg.DATASET.NAME)
         trainer.load_model(args.model_dir, epoch=args.load_epoch)
     else:
-        prompt_meta = {"prompts": f"zero-shot '{cfg.SETAR.PROMPT_TEMPLATE}'"}
+        template = getattr(trainer, "prompt_template", None)
+        prompt_meta = {"prompts": f"zero-shot '{template()}'" if template else "zero-shot"}
     trainer.set_model_mode("eval")
     model, device = trainer.clip_model, trainer.device
     prompts = trainer.class_prompts(chunk_size=max(TEXT_CHUNK, int(cfg.DATALOADER.TEST.BATCH_SIZE)))
@@ -399,13 +420,14 @@ def _run(args: argparse.Namespace) -> int:
         from locoop.setar.search import search_identity
 
         kw = _search_kwargs(cfg, checked)
-        extra = _identity_extra(cfg, trainer, prompts, prompt_meta, val)
+        extra = _identity_extra(cfg, trainer, prompts, val)
         # Rank 0's progress for every rank, checked before any image is decoded.
         progress = dist.broadcast_object(progress if main_rank else None)
         if progress is not None:
             check_identity(progress, search_identity(prompts.num_classes, extra=extra, **kw),
                            os.path.join(cfg.OUTPUT_DIR, "search_progress.json"))
-        data = build_search_data(cfg, val, prompts, checked["criterion"], cfg.SETAR.MODE, _test_transform(trainer, cfg))
+        tfm = _test_transform(trainer, cfg)
+        data = build_search_data(cfg, val, prompts, checked["criterion"], cfg.SETAR.MODE, tfm)
         result = run_search(model, data, **kw, mode=cfg.SETAR.MODE, device=device,
                             output_dir=cfg.OUTPUT_DIR if main_rank else None,
                             verbose=bool(cfg.VERBOSE) and main_rank, cache_gib=float(cfg.SETAR.CACHE_GB),

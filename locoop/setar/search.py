@@ -294,8 +294,9 @@ def run_search(
                      [lbl for _, lbl in data.id_batches])
     ev = build_evaluator(mode, model, data, editor, crit, device, counter, cache_bytes=cache_gib * 2 ** 30)
     ev.restore(committed, known, incumbent)
-    if verbose and resume is not None and pool:
-        tqdm.write(f"SeTAR: resuming after step {len(committed)}/{len(steps)} of an interrupted search")
+    if verbose and resume is not None:
+        tqdm.write(f"SeTAR: resuming after step {len(committed)}/{len(steps)} of an interrupted search" if pool
+                   else "SeTAR: the search is already complete; using its settings")
 
     t0 = time.perf_counter()
     log, settings = progress.log, progress.settings

@@ -1,4 +1,4 @@
-"""Exact fast text encoding of learned prompts (DESIGN.md section 6).
+"""Exact fast text encoding of learned prompts.
 
 Three ways to get the EOT features of ``C`` prompts, all equal up to float reassociation:
 
