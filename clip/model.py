@@ -16,6 +16,12 @@ Local features (LoCoOp; docs/ARCHITECTURE.md, "Where each idea lives"). ViT: in 
 path" ``y = x + out_proj(v_proj(ln_1(x))); y = y + mlp(ln_2(y))`` is applied to the patch
 tokens of the block input, then ``ln_post`` and the projection. ModifiedResNet: each
 position of the final feature map through the attention pool's ``v_proj`` then ``c_proj``.
+
+Block-level access (used by SeTAR's prefix cache, which reruns only the blocks above an edited
+one): :class:`CLIP` exposes each tower as stem -> blocks ``start..end`` -> finish (with local
+features, optionally stopping before the final projection) -> project, for the image tower
+(``visual_*``) and the text tower (``text_*``). The encoders themselves are built from the same
+methods, so a cached prefix plus ``*_finish`` gives exactly what ``encode_*`` gives.
 """
 from __future__ import annotations
 
@@ -185,18 +191,26 @@ class VisionTransformer(nn.Module):
     def head(self, x: Tensor) -> Tensor:
         return self.proj(self.ln_post(x))
 
-    def forward_from(self, x: Tensor, start: int = 0, return_local: bool = False
+    def forward_from(self, x: Tensor, start: int = 0, return_local: bool = False, project: bool = True
                      ) -> Union[Tensor, tuple[Tensor, Tensor]]:
-        """Finish the forward pass from the hidden state ``x`` entering block ``start``."""
+        """Finish the forward pass from the hidden state ``x`` entering block ``start``.
+
+        Args:
+            x: ``[B, 1 + N, W]`` hidden state entering block ``start``.
+            start: first block to run (``0 .. layers - 1``).
+            return_local: also return the patch (local) features.
+            project: False stops after ``ln_post`` (features before ``proj``).
+        """
         last = self.transformer.layers - 1
         if not 0 <= start <= last:
             raise ValueError(f"start block {start} outside 0..{last}")
         x = self.transformer(x, start=start, end=last)
         cls, local = self.transformer.resblocks[last].forward_cls_and_local(x, return_local)
-        glob = self.head(cls[:, 0])
+        out = self.head if project else self.ln_post
+        glob = out(cls[:, 0])
         if not return_local:
             return glob
-        return glob, self.head(local)
+        return glob, out(local)
 
     def forward(self, images: Tensor, return_local: bool = False) -> Union[Tensor, tuple[Tensor, Tensor]]:
         return self.forward_from(self.stem(images), 0, return_local)
@@ -343,19 +357,6 @@ class CLIP(nn.Module):
         return self.visual(images.to(self.dtype), return_local=return_local)
 
     # ------------------------------------------------------------------ text
-    def text_embed(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
-        """Token + positional embeddings truncated after the longest EOT, and EOT positions."""
-        eot_idx = tokens.argmax(dim=-1)
-        length = int(eot_idx.max()) + 1
-        x = self.token_embedding(tokens[:, :length]).to(self.dtype)
-        return x + self.positional_embedding[:length].to(self.dtype), eot_idx
-
-    def text_forward_from(self, h: Tensor, start: int, eot_idx: Tensor) -> Tensor:
-        """Finish the text tower from the hidden state ``h`` entering block ``start``."""
-        h = self.transformer(h, is_causal=True, start=start)
-        eot = h[torch.arange(h.shape[0], device=h.device), eot_idx]
-        return self.text_projection(self.ln_final(eot))
-
     # Prompts per length bucket; below two buckets' worth, one truncation is cheaper than sorting.
     TEXT_BUCKET_SIZE = 128
     TEXT_MAX_BUCKETS = 4
@@ -387,9 +388,68 @@ class CLIP(nn.Module):
         return torch.cat(parts)[order.argsort()]
 
     def _encode_truncated(self, x: Tensor, eot_idx: Tensor) -> Tensor:
+        return self.text_finish(self.text_stem(x, eot_idx), 0, eot_idx)
+
+    # ------------------------------------------------------- block-level access: text tower
+    @property
+    def num_text_blocks(self) -> int:
+        return self.transformer.layers
+
+    def text_stem(self, x: Tensor, eot_idx: Tensor) -> Tensor:
+        """Hidden state entering text block 0: token embeddings ``[B, L, W]`` cut after the
+        longest EOT, plus the positional embedding, in the model dtype."""
         length = int(eot_idx.max()) + 1
-        h = x[:, :length].to(self.dtype) + self.positional_embedding[:length].to(self.dtype)
-        return self.text_forward_from(h, 0, eot_idx)
+        return x[:, :length].to(self.dtype) + self.positional_embedding[:length].to(self.dtype)
+
+    def text_blocks(self, h: Tensor, start: int, end: Optional[int]) -> Tensor:
+        """Run text blocks ``start .. end-1`` (causal) on the hidden state ``h``."""
+        return self.transformer(h, is_causal=True, start=start, end=end)
+
+    def text_finish(self, h: Tensor, start: int, eot_idx: Tensor, project: bool = True) -> Tensor:
+        """EOT features from the hidden state ``h`` entering text block ``start``.
+
+        Args:
+            project: False stops after ``ln_final`` (features before ``text_projection``).
+        """
+        h = self.text_blocks(h, start, None)
+        eot = self.ln_final(h[torch.arange(h.shape[0], device=h.device), eot_idx])
+        return self.text_projection(eot) if project else eot
+
+    def text_project(self, x: Tensor) -> Tensor:
+        """The text tower's final projection of ``ln_final`` features."""
+        return self.text_projection(x)
+
+    # ------------------------------------------------------ block-level access: image tower
+    @property
+    def num_visual_blocks(self) -> int:
+        """Transformer blocks of the image tower; 0 for a ModifiedResNet."""
+        return self.visual.transformer.layers if isinstance(self.visual, VisionTransformer) else 0
+
+    def _vit(self) -> "VisionTransformer":
+        if not isinstance(self.visual, VisionTransformer):
+            raise ValueError(f"the image tower is a {type(self.visual).__name__}, which has no transformer blocks; "
+                             "block-level access needs a ViT image tower")
+        return self.visual
+
+    def visual_stem(self, images: Tensor) -> Tensor:
+        """Hidden state entering image block 0 (patch embedding, CLS, positions, ln_pre)."""
+        return self._vit().stem(images.to(self.dtype))
+
+    def visual_blocks(self, x: Tensor, start: int, end: Optional[int]) -> Tensor:
+        """Run image blocks ``start .. end-1`` on the hidden state ``x``."""
+        return self._vit().transformer(x, start=start, end=end)
+
+    def visual_finish(self, x: Tensor, start: int, project: bool = True) -> tuple[Tensor, Tensor]:
+        """``(global [B, D], local [B, N, D])`` from the hidden state entering image block ``start``.
+
+        Args:
+            project: False stops after ``ln_post`` (features before ``visual.proj``).
+        """
+        return self._vit().forward_from(x, start, return_local=True, project=project)
+
+    def visual_project(self, x: Tensor) -> Tensor:
+        """The image tower's final projection of ``ln_post`` features."""
+        return self._vit().proj(x)
 
     def forward(self, images: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
         img = F.normalize(self.encode_image(images), dim=-1)

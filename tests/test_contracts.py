@@ -114,7 +114,8 @@ def test_a_newly_registered_score_is_in_every_listing():
 @pytest.mark.parametrize("freeze_proj", [True, False])
 def test_searcher_contract(name, freeze_proj):
     from locoop.setar.lowrank import get_linear
-    from locoop.setar.search import SearchData, TextInputs, run_search
+    from locoop.models.head import ClassPrompts
+    from locoop.setar.search import SearchData, run_search
 
     layers = {"visual": 2, "text": 3}
     steps = build_steps(name, layers, ["W_q", "W_up"], freeze_proj=freeze_proj)
@@ -127,7 +128,7 @@ def test_searcher_contract(name, freeze_proj):
     model = create_tiny_model("tiny-vit")
     gen = torch.Generator().manual_seed(0)
     data = SearchData([(torch.randn(4, 3, 32, 32, generator=gen), torch.tensor([0, 1, 2, 3]))],
-                      TextInputs(tokens=clip.tokenize([f"a photo of a thing{i}." for i in range(NUM_CLASSES)]),
+                      ClassPrompts(tokens=clip.tokenize([f"a photo of a thing{i}." for i in range(NUM_CLASSES)]),
                                  chunk_size=4))
     res = run_search(model, data, searcher=name, ratios=[0.0, 0.25], top_k=2, verbose=False,
                      freeze_proj=freeze_proj)

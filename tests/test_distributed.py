@@ -1,8 +1,11 @@
-"""Distributed training and evaluation with two real processes (torchrun, gloo, CPU).
+"""Distributed training, evaluation, SeTAR search and SeTAR+FT with two real processes (torchrun, gloo, CPU).
 
-The slow test launches this file as a torchrun worker (see ``_worker``): CoOp trains a few steps
-with a DistributedSampler and averaged gradients, then the OOD benchmark and the classification
-test run sharded. The parent compares with one process that uses the same global batch.
+The slow tests launch this file as a torchrun worker. ``_worker``: CoOp trains a few steps with a
+DistributedSampler and averaged gradients, then the OOD benchmark and the classification test run
+sharded; the parent compares with one process that uses the same global batch. ``_cli_worker``:
+one command of the command-line interface (``setar-search``, ``setar-finetune``) on every rank,
+with an audit hook recording every file the non-zero ranks create, change or remove under the
+output folder; the parent compares with the same command in one process.
 """
 import json
 import os
@@ -201,5 +204,142 @@ def test_two_processes_train_and_evaluate_like_one(tmp_path, data_root, tiny_vit
     assert not (out / "train_rank1").exists() and not (out / "eval_rank1").exists()
 
 
+# ------------------------------------------------------------------------------------ commands under torchrun
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+
+
+def _cli_worker(argv, watch_dir, report_dir):
+    """One torchrun process running ``python -m locoop <argv>``; records writes under ``watch_dir`` (rank > 0)."""
+    torch.set_num_threads(1)
+    rank = int(os.environ["RANK"])
+    watch = os.path.realpath(watch_dir)
+    writes = []
+
+    def under(path):
+        if isinstance(path, bytes):
+            path = os.fsdecode(path)
+        if not isinstance(path, str):
+            return False
+        real = os.path.realpath(path)
+        return real == watch or real.startswith(watch + os.sep)
+
+    def hook(event, args):
+        if event == "open" and args and under(args[0]):
+            mode, flags = args[1], args[2]
+            if (isinstance(mode, str) and any(c in mode for c in "wax+")) or (isinstance(flags, int)
+                                                                              and flags & _WRITE_FLAGS):
+                writes.append([event, str(args[0])])
+        elif event in ("os.rename", "os.remove", "os.rmdir", "os.truncate", "os.chmod") and args and under(args[0]):
+            writes.append([event, str(args[0])])
+        elif event == "os.mkdir" and args and under(args[0]) and not os.path.isdir(args[0]):
+            writes.append([event, str(args[0])])
+
+    if rank != 0:
+        sys.addaudithook(hook)
+    from locoop.cli import main
+
+    rc = main(list(argv))
+    recorded = list(writes)  # the dump below is outside the watched folder
+    with open(os.path.join(report_dir, f"rank{rank}.json"), "w") as f:
+        json.dump({"rc": rc, "writes": recorded}, f)
+    sys.exit(rc)
+
+
+def _torchrun_cli(argv, watch_dir, tmp_path):
+    report = tmp_path / "reports"
+    report.mkdir(exist_ok=True)
+    os.makedirs(watch_dir, exist_ok=True)  # as rank 0 would; then no rank races to create it
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_addr",
+           "127.0.0.1", "--master_port", str(_free_port()), os.path.abspath(__file__), "--cli-worker",
+           json.dumps([list(argv), str(watch_dir), str(report)])]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    reports = [json.loads((report / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    assert [r["rc"] for r in reports] == [0] * WORLD
+    return reports
+
+
+@pytest.fixture(scope="module")
+def setar_root(data_root):
+    from locoop.data.synthetic import make_val_split
+
+    make_val_split(str(data_root / "val.json"), str(data_root / "imagenet" / "images" / "train"), per_class=2, seed=0)
+    (data_root / "ft_settings.json").write_text(json.dumps([["visual", "W_up", 1, 0.25], ["text", "W_up", 1, 0.25]]))
+    return data_root
+
+
+def _common_opts(root, backbone):
+    return ["MODEL.BACKBONE.NAME", backbone, "MODEL.DEVICE", "cpu", "DATASET.VAL_SPLIT_FILE", str(root / "val.json"),
+            "INPUT.SIZE", "(32, 32)", "INPUT.TRANSFORMS", "['normalize']", "DATALOADER.NUM_WORKERS", "0",
+            "DATALOADER.TEST.BATCH_SIZE", "2", "OOD.DATASETS", str(OOD_SETS), "OOD.PLOT", "False",
+            "OOD.USE_CACHE", "False", "VERBOSE", "False"]
+
+
+def _same_results(a, b):
+    """ood_results.json metrics and ood_scores.npz of two runs are identical."""
+    ra, rb = (json.loads((d / "ood_results.json").read_text()) for d in (a, b))
+    assert ra["scores"] == rb["scores"] and ra["id_accuracy"] == rb["id_accuracy"]
+    sa, sb = np.load(a / "ood_scores.npz"), np.load(b / "ood_scores.npz")
+    assert sorted(sa.files) == sorted(sb.files) and "Texture/GL-MCM" in sa.files
+    for k in sa.files:
+        np.testing.assert_array_equal(sa[k], sb[k], err_msg=k)
+
+
+@pytest.mark.slow
+def test_setar_search_on_two_processes_is_the_single_process_search(tmp_path, setar_root, tiny_vit_path):
+    from locoop.cli import main
+
+    torch.set_num_threads(1)
+    argv = lambda out: ["setar-search", "--root", str(setar_root), "--config-file",  # noqa: E731
+                        os.path.join(REPO, "configs/setar/imagenet/SeTAR.yaml"), "--output-dir", str(out),
+                        *_common_opts(setar_root, tiny_vit_path), "SETAR.TOPK", "2"]
+    single, dist_out = tmp_path / "single", tmp_path / "dist"
+    assert main(argv(single)) == 0
+    reports = _torchrun_cli(argv(dist_out), dist_out, tmp_path)
+    assert reports[1]["writes"] == []  # rank 1 created, changed or removed nothing
+    for name in ("best_settings.json", "search_log.json", "search_log.csv"):
+        assert (dist_out / name).read_bytes() == (single / name).read_bytes(), name  # settings and criteria
+    assert json.loads((dist_out / "search_progress.json").read_text())["complete"] is True
+    _same_results(dist_out, single)  # the sharded test pass of the pruned model
+
+
+@pytest.mark.slow
+def test_setar_finetune_on_two_processes(tmp_path, setar_root, tiny_vit_path):
+    from locoop.cli import main
+    from locoop.engine.checkpoint import load_checkpoint
+
+    torch.set_num_threads(1)
+    config = os.path.join(REPO, "configs/setar/finetune/imagenet/SeTAR+FT.yaml")
+    # 6 validation images: one global batch of 6 = 3 per rank. LAMBDA 0: cross-entropy averaged over equal
+    # shards is the global mean (LoCoOp's patch mean becomes a mean of per-rank means, as under DDP).
+    argv = lambda out, batch: ["setar-finetune", "--root", str(setar_root), "--config-file", config,  # noqa: E731
+                               "--output-dir", str(out), "--settings", str(setar_root / "ft_settings.json"),
+                               *_common_opts(setar_root, tiny_vit_path), "DATALOADER.TRAIN_X.BATCH_SIZE", str(batch),
+                               "DATALOADER.TRAIN_X.SAMPLER", "SequentialSampler", "OPTIM.MAX_EPOCH", "2",
+                               "SETAR.FT.TOPK", "2", "SETAR.FT.LAMBDA", "0.0"]
+    single, dist_out = tmp_path / "single", tmp_path / "dist"
+    assert main(argv(single, 2 * 3)) == 0
+    reports = _torchrun_cli(argv(dist_out, 3), dist_out, tmp_path)
+    assert reports[1]["writes"] == []
+    assert sorted(os.listdir(dist_out / "adapters")) == ["checkpoint", "model.pth.tar-2"]
+    assert json.loads((dist_out / "finetune_settings.json").read_text()) == \
+        json.loads((single / "finetune_settings.json").read_text())
+    # training: the single-process adapters, to float tolerance (gradients are summed in another order)
+    a = load_checkpoint(str(dist_out / "adapters" / "model.pth.tar-2"))["state_dict"]
+    b = load_checkpoint(str(single / "adapters" / "model.pth.tar-2"))["state_dict"]
+    assert a["_extra_state"] == b["_extra_state"]
+    for k in a:
+        if k != "_extra_state":
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    # testing: the sharded test pass scores exactly what one process scores with these adapters
+    again = tmp_path / "again"
+    assert main(["setar-finetune", "--root", str(setar_root), "--config-file", config, "--model-dir", str(dist_out),
+                 "--output-dir", str(again), *_common_opts(setar_root, tiny_vit_path)]) == 0
+    _same_results(dist_out, again)
+
+
 if __name__ == "__main__" and "--worker" in sys.argv:
     _worker(*json.loads(sys.argv[sys.argv.index("--worker") + 1]))
+if __name__ == "__main__" and "--cli-worker" in sys.argv:
+    _cli_worker(*json.loads(sys.argv[sys.argv.index("--cli-worker") + 1]))

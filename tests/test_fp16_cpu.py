@@ -197,12 +197,13 @@ def test_zero_shot_and_prompt_evaluation_in_fp16_and_amp_match_fp32(half_mode, d
 # ------------------------------------------------------------------------------------ SeTAR
 def test_setar_criterion_on_fp16_weights_matches_fp32(half_mode):
     """The search's criterion (the LoCoOp loss of the class prompts) and its choices on CLIP's fp16 weights."""
-    from locoop.setar.search import SearchData, TextInputs, run_search
+    from locoop.models.head import ClassPrompts
+    from locoop.setar.search import SearchData, run_search
 
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randn(5, 3, 32, 32, generator=g), torch.randint(0, 6, (5,), generator=g)) for _ in range(2)]
     tokens = clip.tokenize([f"a photo of a thing{i}." for i in range(6)])
-    data = SearchData(batches, TextInputs(tokens=tokens, chunk_size=4))
+    data = SearchData(batches, ClassPrompts(tokens=tokens, chunk_size=4))
     kw = dict(top_k=3, ratios=[0.0, 0.1, 0.2], verbose=False)
     ref = run_search(create_tiny_model("tiny-vit"), data, mode="fast", **kw)
     results = {mode: run_search(create_tiny_model("tiny-vit", half=True), data, mode=mode, **kw)

@@ -148,6 +148,33 @@ def test_forward_from_every_layer_matches_full_forward():
             x = model.visual.transformer.resblocks[start](x)
 
 
+def test_block_level_access_is_the_encoders_path():
+    """Stem, blocks start..end, finish (with or without the projection) and project, per tower: the
+    operations of encode_image / encode_text, so a cached prefix plus finish gives the same bits."""
+    model = _random_model(VIT)
+    images, toks = torch.randn(2, 3, 32, 32), _tokens()
+    assert (model.num_visual_blocks, model.num_text_blocks) == (2, 2)
+    with torch.no_grad():
+        glob, local = model.encode_image(images, return_local=True)
+        text = model.encode_text(toks)
+        eot = toks.argmax(-1)
+        for start in range(2):
+            h = model.visual_blocks(model.visual_stem(images), 0, start)
+            g, loc = model.visual_finish(h, start)
+            assert torch.equal(g, glob) and torch.equal(loc, local)
+            pre_g, pre_l = model.visual_finish(h, start, project=False)
+            assert pre_g.shape == (2, 64) and torch.equal(model.visual_project(pre_g), glob)
+            assert torch.equal(model.visual_project(pre_l), local)
+            t = model.text_blocks(model.text_stem(model.token_embedding(toks), eot), 0, start)
+            assert torch.equal(model.text_finish(t, start, eot), text)
+            assert torch.equal(model.text_project(model.text_finish(t, start, eot, project=False)), text)
+        assert model.text_stem(model.token_embedding(toks), eot).shape[1] == int(eot.max()) + 1  # cut after the EOT
+    rn = _random_model(RN)
+    assert rn.num_visual_blocks == 0
+    with pytest.raises(ValueError, match="ModifiedResNet, which has no transformer blocks"):
+        rn.visual_stem(torch.randn(1, 3, 64, 64))
+
+
 def test_other_input_resolution_interpolates_positions(model):
     res = model.visual.input_resolution * 2
     with torch.no_grad():

@@ -161,16 +161,17 @@ def test_papers_run_folder_evaluates_like_the_same_context_saved_our_way(tmp_pat
     for key in a.files:
         np.testing.assert_array_equal(a[key], b[key])
 
-    # setar-search --model-dir reads the same learned prompts from both folders
-    from locoop.commands.setar_search import build_text
-    from locoop.config import get_cfg_default
-
-    cfg = get_cfg_default()
-    cfg.TRAINER.LOCOOP.N_CTX = 4
-    model = clip.load(tiny_vit_path, device="cpu")[0]
-    text_papers, meta = build_text(cfg, model, info["classnames"], str(papers), None)
-    text_ours, _ = build_text(cfg, model, info["classnames"], str(ours), None)
-    assert meta["prompt_epoch"] == 50 and torch.equal(text_papers.embeddings, text_ours.embeddings)
+    # setar-search --model-dir reads the same learned prompts from both folders (unpruned: --settings none)
+    setar_cfg = REPO / "configs/setar/imagenet/Vanilla_GL_MCM.yaml"
+    for run in (papers, ours):
+        rc, _, err = cli(["setar-search", "--root", root, "--dataset-config-file", DS_CFG, "--config-file", setar_cfg,
+                          "--output-dir", tmp_path / f"setar_{run.name}", "--model-dir", run, "--load-epoch", 50,
+                          "--settings", "none", "MODEL.BACKBONE.NAME", tiny_vit_path] + SMALL, capsys)
+        assert rc == 0, err
+    a, b = np.load(tmp_path / "setar_papers_run" / "ood_scores.npz"), np.load(tmp_path / "setar_our_run" / "ood_scores.npz")
+    assert sorted(a.files) == sorted(b.files) and a.files
+    for key in a.files:
+        np.testing.assert_array_equal(a[key], b[key])
 
 
 @pytest.mark.slow

@@ -114,7 +114,7 @@ def test_one_registry_class_holds_every_kind_of_entry():
     registries = (TRAINER_REGISTRY, DATASET_REGISTRY, EVALUATOR_REGISTRY, SCORE_REGISTRY, SEARCHERS, CONFIGS)
     assert all(type(r) is Registry for r in registries)
     assert {"LoCoOp", "CoOp", "ZeroshotCLIP", "SeTARFT", "LoRA"} <= set(list_trainers())
-    assert list_datasets() == ["ImageNet", "PascalVOC"] and "Classification" in EVALUATOR_REGISTRY
+    assert list_datasets() == ["ImageNet", "OpenOODImageNet", "PascalVOC"] and "Classification" in EVALUATOR_REGISTRY
     assert "GL-MCM" in SCORE_REGISTRY and "visual_text" in SEARCHERS and "tiny-vit" in CONFIGS
 
 

@@ -194,19 +194,47 @@ def test_custom_clip_logits_are_scaled_cosines(data_root, tiny_vit_path, tmp_pat
 
 
 def test_zeroshot_clip(data_root, tiny_vit_path, tmp_path):
+    import clip
+    from clip.naive import encode_text_full_naive
+
     trainer = build_trainer(_cfg(data_root, tiny_vit_path, tmp_path / "zs", trainer="ZeroshotCLIP"))
-    names = [c.replace("_", " ") for c in trainer.dm.dataset.classnames]
-    # Independently: the template's prompts through the full 77-token text encoder (no truncation).
-    prompts = clip.tokenize([trainer.template.format(c) for c in names])
+    names = trainer.dm.dataset.classnames
+    model = trainer.clip_model
+    # the prompts "a photo of a <name>." through an independent full-context encoder
     with torch.no_grad():
-        expected = F.normalize(encode_text_full_naive(trainer.clip_model, prompts), dim=-1)
-    torch.testing.assert_close(trainer.text_features(), expected, rtol=0, atol=1e-5)
-    assert trainer.test() == pytest.approx(_accuracy_by_hand(trainer, expected))
-    image, _ = trainer.parse_batch_test(next(iter(trainer.test_loader)))
-    glob, local = trainer.model_inference(image, return_local=True)
-    assert glob.shape == (len(image), NUM_CLASSES) and local.shape == (len(image), 16, NUM_CLASSES)
+        ref = F.normalize(encode_text_full_naive(model, clip.tokenize([f"a photo of a {n.replace('_', ' ')}."
+                                                                      for n in names])), dim=-1)
+    assert torch.allclose(trainer.text_features(), ref, atol=1e-6)
+    assert torch.equal(trainer.class_prompts().tokens, clip.tokenize([f"a photo of a {n.replace('_', ' ')}."
+                                                                       for n in names]))
+    # logits = 100 * cos, and the Dassl test's accuracy is the argmax accuracy of those logits
+    correct = n = 0
+    for batch in trainer.test_loader:
+        image, label = trainer.parse_batch_test(batch)
+        glob, local = trainer.model_inference(image, return_local=True)
+        with torch.no_grad():
+            g, loc = model.encode_image(image, return_local=True)
+        scale = model.logit_scale.detach().exp()
+        torch.testing.assert_close(glob, scale * F.normalize(g, dim=-1) @ ref.t(), rtol=0, atol=2e-4)
+        torch.testing.assert_close(local, scale * F.normalize(loc, dim=-1) @ ref.t(), rtol=0, atol=2e-4)
+        assert local.shape == (len(image), 16, NUM_CLASSES)
+        correct += int((glob.argmax(-1) == label).sum())
+        n += len(label)
+    assert trainer.test() == pytest.approx(100.0 * correct / n)
     with pytest.raises(ValueError, match="eval-only"):
         trainer.train()
+
+
+def test_setar_zero_shot_trainer_uses_the_setar_template(data_root, tiny_vit_path, tmp_path):
+    import clip
+
+    cfg = _cfg(data_root, tiny_vit_path, tmp_path / "szs", trainer="SeTARZeroshotCLIP")
+    cfg.SETAR.PROMPT_TEMPLATE = "a photo of a {}"  # SeTAR's code: no full stop
+    trainer = build_trainer(cfg)
+    names = trainer.dm.dataset.classnames
+    assert torch.equal(trainer.class_prompts().tokens,
+                       clip.tokenize([f"a photo of a {n.replace('_', ' ')}" for n in names]))
+    assert trainer.prompt_template() == "a photo of a {}"
 
 
 @pytest.mark.parametrize("key, value, msg", [

@@ -37,7 +37,7 @@ from clip.model import build_model
 from clip.tiny import random_state_dict
 from clip.tokenizer import tokenize
 from clip.transform import build_preprocess
-from locoop.setar.search import DEFAULT_RATIOS, SearchData, TextInputs, run_search
+from locoop.setar.search import DEFAULT_RATIOS, ClassPrompts, SearchData, run_search
 
 PRESETS = {
     # name: (layers, vision width, text width, embed dim, resolution, patch)
@@ -102,7 +102,7 @@ def run(args) -> dict:
     else:
         images = torch.randn(n, 3, res, res, generator=g)
         batches = [(images[i:i + b], labels[i:i + b]) for i in range(0, n, b)]
-    data = SearchData(batches, TextInputs(tokens=tokens, chunk_size=args.text_chunk), reload=reload)
+    data = SearchData(batches, ClassPrompts(tokens=tokens, chunk_size=args.text_chunk), reload=reload)
     top_k = args.topk if args.topk else max(1, round(0.3 * c))  # SeTAR: 300 of 1000 classes
     kw = dict(searcher=args.searcher, weight_types=args.weight_types, ratios=args.ratios, lam=args.lam, top_k=top_k,
               freeze_proj=not args.search_proj, verbose=args.verbose, device=device)

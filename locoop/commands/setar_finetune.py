@@ -91,7 +91,7 @@ def _run(args: argparse.Namespace) -> int:
                              "OUTPUT_OF_SEARCH/best_settings.json (SETAR.SETTINGS_FILE)")
         from locoop.setar.settings import load_settings
 
-        load_settings(settings_file)  # format now; layers and ratios once the model is loaded
+        load_settings(settings_file)  # form and completion marker now; layers and ratios once the model is loaded
     if not args.no_test:
         from locoop.ood.runner import check_benchmark_inputs
 
@@ -111,16 +111,19 @@ def _run(args: argparse.Namespace) -> int:
         described = trainer.describe()
         extra = {"adapters": described}
         if cfg.TRAINER.NAME == "SeTARFT":
+            from locoop.engine import dist
             from locoop.setar.settings import save_settings
 
             extra["settings_file"] = os.path.abspath(settings_file)
-            save_settings(os.path.join(cfg.OUTPUT_DIR, "finetune_settings.json"), described["settings"])
+            if dist.is_main_process():  # under torchrun rank 0 writes
+                save_settings(os.path.join(cfg.OUTPUT_DIR, "finetune_settings.json"), described["settings"])
         write_run_info(cfg, trainer, extra=extra)
         trainer.final_test = False  # the benchmark below reports the ID accuracy on the same test split
         trainer.train()
         if args.no_test:
             return 0
 
+    from locoop.engine.provenance import dataset_provenance
     from locoop.ood.runner import run_ood_benchmark
 
     trainer.set_model_mode("eval")
@@ -133,11 +136,9 @@ def _run(args: argparse.Namespace) -> int:
         if info:
             meta["training"] = info
         ds = trainer.dm.dataset
-        for key in ("split_file", "split_hash", "val_split_file", "val_split_hash"):
-            if getattr(ds, key, None):
-                meta[key] = getattr(ds, key)
+        meta.update(dataset_provenance(ds, ("split_file", "split_hash", "val_split_file", "val_split_hash")))
         run_ood_benchmark(cfg, trainer.clip_model, text, cfg.OUTPUT_DIR, meta=meta, device=trainer.device,
-                          dataset=ds, verbose=bool(cfg.VERBOSE))
+                          dataset=ds, verbose=bool(cfg.VERBOSE), precision=trainer.precision)
     return 0
 
 

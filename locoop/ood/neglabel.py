@@ -67,13 +67,13 @@ import json
 import math
 import os
 import random
-import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from locoop.engine.fileio import atomic_torch_save
 from locoop.ood.lexicon import Lexicon
 
 __all__ = [
@@ -433,44 +433,22 @@ def score_feature_batches(batches: Any, id_text_features: torch.Tensor, bank: "N
 # ------------------------------------------------------------------------------------ keys
 def tensor_digest(t: torch.Tensor) -> str:
     """SHA-256 of a tensor's dtype, shape and bytes (e.g. the ID text features a bank was selected for)."""
-    from locoop.ood.cache import _sha256_tensor  # integrator: expose as a public helper of cache.py
+    from locoop.engine.provenance import weights_sha256
 
-    h = hashlib.sha256()
-    _sha256_tensor(h, "t", t)
-    return h.hexdigest()
+    return weights_sha256({"t": t})
 
 
 def text_fingerprint(clip_model: torch.nn.Module) -> str:
     """SHA-256 of every weight outside the image encoder (``visual.*``): the text tower, as the
     feature cache keys the image tower. A pruned, adapted or fp16 text tower gives another key."""
-    from locoop.ood.cache import _sha256_tensor  # integrator: expose as a public helper of cache.py
+    from locoop.engine.provenance import weights_sha256
 
-    h = hashlib.sha256()
-    h.update(f"{type(clip_model).__module__}.{type(clip_model).__qualname__}|".encode())
-    for name, t in sorted(clip_model.state_dict().items()):
-        if not name.startswith("visual."):
-            _sha256_tensor(h, name, t)
-    return h.hexdigest()
+    text = {name: t for name, t in clip_model.state_dict().items() if not name.startswith("visual.")}
+    return weights_sha256(text, header=f"{type(clip_model).__module__}.{type(clip_model).__qualname__}")
 
 
 def _digest(payload: Dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    # integrator: switch to the shared atomic binary-write helper of locoop.engine.fileio.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _load(path: Path, key: str) -> Optional[Dict[str, Any]]:
@@ -597,7 +575,7 @@ def build_negative_bank(clip_model: torch.nn.Module, id_text_features: torch.Ten
         say(f"Encoding {len(lexicon):,} negative-label candidates ({params.recipe} prompts; {lexicon.describe()})")
         feats, labels, pos = build_candidates(clip_model, lexicon, params, device, batch_size, progress)
         if folder is not None:
-            _atomic_torch_save({"format": BANK_FORMAT, "key": cand_key, "features": feats, "labels": labels,
+            atomic_torch_save({"format": BANK_FORMAT, "key": cand_key, "features": feats, "labels": labels,
                                 "pos": pos}, folder / f"candidates-{cand_key[:20]}.pt")
     if feats.shape[1] != ids.shape[1]:
         raise ValueError(f"ID text features have dimension {ids.shape[1]} but the text tower gives {feats.shape[1]}")
@@ -623,5 +601,5 @@ def build_negative_bank(clip_model: torch.nn.Module, id_text_features: torch.Ten
         f"{len(labels):,} candidates" + (f", {meta['num_groups']} groups of {meta['group_size']}" if groups is not None
                                          else ""))
     if folder is not None:
-        _atomic_torch_save(bank.to_state(), folder / f"bank-{bank_key[:20]}.pt")
+        atomic_torch_save(bank.to_state(), folder / f"bank-{bank_key[:20]}.pt")
     return bank

@@ -3,7 +3,8 @@
 Both fine-tune low-rank adapters on CLIP (:mod:`locoop.setar.adapters`) with the LoCoOp loss
 (``CE(global logits, y) + SETAR.FT.LAMBDA * L_ood`` with top-``SETAR.FT.TOPK`` OOD patches,
 :func:`locoop.trainers.loss.locoop_loss`), logits ``logit_scale.exp() * cos`` of the normalised
-image features (global and local) and the class-name prompts ``"a photo of a <class>."``:
+image features (global and local) and the class-name prompts ``SETAR.PROMPT_TEMPLATE``
+(``"a photo of a <class>."``), all through the CLIP head (:class:`locoop.models.head.CLIPHead`):
 
 * ``SeTARFT``: adapters from a SeTAR search's settings (``SETAR.SETTINGS_FILE``, the search's
   ``best_settings.json``): the minor singular components of every pruned matrix, scaling 1, so the
@@ -27,8 +28,8 @@ description (base-weight SHA-256, settings, ranks): resuming and loading check i
 SeTARFT checkpoint without ``SETAR.SETTINGS_FILE`` rebuilds the adapters from that description.
 
 Evaluation interface (as the LoCoOp trainer): ``trainer.clip_model`` -- CLIP with the adapters in
-place, so its ``encode_image`` / ``encode_text`` are the adapted model -- and
-``trainer.text_features()``.
+place, so its ``encode_image`` / ``encode_text`` are the adapted model -- ``trainer.text_features()``
+and ``trainer.class_prompts()``.
 """
 from __future__ import annotations
 
@@ -36,9 +37,10 @@ import os
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 
+from locoop.config.checks import FT_LR_STEPS, FT_PRECISIONS, FT_TRAIN_SPLITS
 from locoop.engine.registry import TRAINER_REGISTRY
+from locoop.models.head import CLIPHead, ClassPrompts, accuracy, zero_shot_prompts
 from locoop.trainers.base import PromptTrainer
 
 from .adapters import (AdapterSet, add_lora_adapters, add_setar_adapters, adapters_from_meta,
@@ -46,24 +48,17 @@ from .adapters import (AdapterSet, add_lora_adapters, add_setar_adapters, adapte
 
 Tensor = torch.Tensor
 
-__all__ = ["AdapterTrainer", "SeTARFT", "LoRA", "FT_PRECISIONS", "TRAIN_SPLITS", "LR_STEPS", "PROMPT_TEMPLATE"]
+__all__ = ["AdapterTrainer", "SeTARFT", "LoRA", "FT_PRECISIONS", "TRAIN_SPLITS", "LR_STEPS"]
 
-FT_PRECISIONS = ("fp32", "amp")
-TRAIN_SPLITS = ("train", "val")
-LR_STEPS = ("iter", "epoch")
-PROMPT_TEMPLATE = "a photo of a {}."
+TRAIN_SPLITS = FT_TRAIN_SPLITS
+LR_STEPS = FT_LR_STEPS
 MODEL_NAME = "adapters"  # registered model name = checkpoint sub-folder
-
-
-def _accuracy(logits: Tensor, labels: Tensor) -> float:
-    return (logits.argmax(dim=-1) == labels).float().mean().item() * 100.0
 
 
 class AdapterTrainer(PromptTrainer):
     """Shared machinery of :class:`SeTARFT` and :class:`LoRA` (``adapter_kind`` selects the adapters)."""
 
     adapter_kind: str = ""
-    template: str = PROMPT_TEMPLATE
     NEEDS_CHECKPOINT = True
 
     #: Set to False to skip the Dassl classification test after training (the setar-finetune
@@ -74,26 +69,8 @@ class AdapterTrainer(PromptTrainer):
     def precision_key(self) -> Optional[str]:
         return "SETAR.FT.PREC"
 
-    def check_cfg(self, cfg: Any) -> None:
-        ft = cfg.SETAR.FT
-        if ft.PREC not in FT_PRECISIONS:
-            raise ValueError(f"SETAR.FT.PREC must be one of {FT_PRECISIONS} (fp16 weights would spoil the SVD "
-                             f"split and the SGD updates), got {ft.PREC!r}")
-        if ft.TRAIN_SPLIT not in TRAIN_SPLITS:
-            raise ValueError(f"SETAR.FT.TRAIN_SPLIT must be one of {TRAIN_SPLITS}, got {ft.TRAIN_SPLIT!r}")
-        if ft.LR_STEP not in LR_STEPS:
-            raise ValueError(f"SETAR.FT.LR_STEP must be one of {LR_STEPS}, got {ft.LR_STEP!r}")
-        if float(ft.LAMBDA) < 0:
-            raise ValueError(f"SETAR.FT.LAMBDA must be >= 0, got {ft.LAMBDA}")
-        if int(ft.TOPK) < 1:
-            raise ValueError(f"SETAR.FT.TOPK must be >= 1, got {ft.TOPK}")
-        if not 0.0 <= float(ft.LORA_DROPOUT) < 1.0:
-            raise ValueError(f"SETAR.FT.LORA_DROPOUT must be in [0, 1), got {ft.LORA_DROPOUT}")
-        if ft.TRAIN_SPLIT == "val" and cfg.TEST.FINAL_MODEL == "best_val":
-            raise ValueError("SETAR.FT.TRAIN_SPLIT val trains on the validation split, so TEST.FINAL_MODEL best_val "
-                             "would select on training images; use TEST.FINAL_MODEL last_step")
-        if not str(cfg.MODEL.BACKBONE.NAME or "").strip():
-            raise ValueError("MODEL.BACKBONE.NAME is empty: set a CLIP model name (e.g. ViT-B/16) or a checkpoint path")
+    #: Checked when the trainer is created (locoop/config/checks.py).
+    CFG_SECTIONS = ("MODEL.BACKBONE", "SETAR.FT")
 
     # ------------------------------------------------------------------ data
     def build_data_loader(self) -> None:
@@ -129,9 +106,13 @@ class AdapterTrainer(PromptTrainer):
             print(f"Training on the validation split: {len(val)} images")
 
     # ------------------------------------------------------------------ model
+    def prompt_template(self) -> str:
+        """The class-prompt template (``SETAR.PROMPT_TEMPLATE``, as the search's)."""
+        return str(self.cfg.SETAR.PROMPT_TEMPLATE)
+
     def build_model(self) -> None:
-        import clip
-        from locoop.trainers.clip_backbone import load_clip, resolve_precision
+        from locoop.engine.precision import resolve_precision
+        from locoop.trainers.clip_backbone import load_clip
 
         cfg = self.cfg
         ft = cfg.SETAR.FT
@@ -141,17 +122,16 @@ class AdapterTrainer(PromptTrainer):
         self.backbone = str(cfg.MODEL.BACKBONE.NAME).strip()
         # Weights stay fp32 whatever the precision: the SVD split and SGD on the adapters need it.
         clip_model, _ = load_clip(cfg, self.device, "fp32", verbose=verbose)
-        self.precision = resolve_precision(ft.PREC, self.device)
+        self.precision = resolve_precision(ft.PREC, self.device, key="SETAR.FT.PREC")
         if verbose and self.precision != ft.PREC:
             print(f"Note: SETAR.FT.PREC={ft.PREC!r} needs CUDA; running in fp32 on {self.device}")
         for p in clip_model.parameters():
             p.requires_grad_(False)
         self.clip_model = clip_model
+        self.head = CLIPHead(clip_model)
         self.base_sha256 = base_weights_sha256(clip_model)
-        classnames = list(self.dm.dataset.classnames)
-        names = [c.replace("_", " ") for c in classnames]
-        self.tokens = clip.tokenize([self.template.format(n) for n in names],
-                                    context_length=int(clip_model.context_length)).to(self.device)
+        self.prompts = self.class_prompts()
+        self.tokens = self.prompts.tokens.to(self.device)
         self._fixed_text: Optional[Tensor] = None
 
         self.adapters = AdapterSet()
@@ -213,46 +193,36 @@ class AdapterTrainer(PromptTrainer):
         return self.cfg.SETAR.FT.LR_STEP == "iter"
 
     # ------------------------------------------------------------------ text / image features
+    def class_prompts(self, chunk_size: Optional[int] = None) -> ClassPrompts:
+        """The tokenized class prompts ``prompt_template().format(<class>)``."""
+        kw = {} if chunk_size is None else {"chunk_size": int(chunk_size)}
+        return zero_shot_prompts(list(self.dm.dataset.classnames), self.prompt_template(),
+                                 int(self.clip_model.context_length), **kw)
+
     def _text_adapted(self) -> bool:
         return "text" in self.adapters.towers()
 
-    def _encode_text(self) -> Tensor:
-        return F.normalize(self.clip_model.encode_text(self.tokens).float(), dim=-1)
-
     def _train_text_features(self) -> Tensor:
         if self._text_adapted():
-            return self._encode_text()  # through the adapted text tower: differentiable, every step
+            return self.head.text_features(self.prompts)  # through the adapted text tower: differentiable, every step
         if self._fixed_text is None:
             with torch.no_grad():
-                self._fixed_text = self._encode_text()
+                self._fixed_text = self.head.text_features(self.prompts)
         return self._fixed_text
 
     @torch.no_grad()
     def text_features(self) -> Tensor:
-        """Normalised ``[C, D]`` features of the class prompts through the (adapted) text tower."""
-        from locoop.trainers.prompt_learner import zero_shot_text_features
-
+        """Normalised float32 ``[C, D]`` features of the class prompts through the (adapted) text tower."""
         with self.autocast():
-            return zero_shot_text_features(self.clip_model, list(self.dm.dataset.classnames), self.template,
-                                           device=self.device).float()
+            return self.head.text_features(self.prompts)
 
     def encode_image(self, image: Tensor, return_local: bool = True):
         """Normalised global (and local) image features; a graph only when the image tower has adapters."""
-        track = torch.is_grad_enabled() and "visual" in self.adapters.towers()
-        with torch.set_grad_enabled(track):
-            out = self.clip_model.encode_image(image, return_local=return_local)
-        if not return_local:
-            return F.normalize(out.float(), dim=-1)
-        g, loc = out
-        return F.normalize(g.float(), dim=-1), F.normalize(loc.float(), dim=-1)
+        return self.head.encode_image(image, return_local)
 
     def logits(self, image: Tensor, text: Tensor, return_local: bool = True):
         """``logit_scale.exp() * cos``: ``(global [B, C], local [B, P, C])`` or global only."""
-        scale = self.clip_model.logit_scale.exp().float()
-        if not return_local:
-            return scale * self.encode_image(image, False) @ text.t()
-        g, loc = self.encode_image(image, True)
-        return scale * g @ text.t(), scale * loc @ text.t()
+        return self.head(image, text, return_local)
 
     # ------------------------------------------------------------------ training
     def before_train(self) -> None:
@@ -275,7 +245,7 @@ class AdapterTrainer(PromptTrainer):
         if self.lr_per_iter and self.sched is not None:
             self.sched.step()
         return {"loss": loss.item(), "loss_id": loss_id.item(), "loss_ood": loss_ood.item(),
-                "acc": _accuracy(logits.detach(), label)}
+                "acc": accuracy(logits.detach(), label)}
 
     def update_lr(self, names=None) -> None:
         if self.lr_per_iter:

@@ -1,4 +1,4 @@
-"""SeTAR settings: ``[[tower, weight_type, layer, ratio], ...]`` as JSON.
+"""SeTAR settings: ``[[tower, weight_type, layer, ratio], ...]``, and the files that hold them.
 
 This is the form SeTAR's search returns (its ``lora_settings``): one entry per visited matrix,
 in visiting order, including the matrices whose best ratio is ``0`` (kept so a file records the
@@ -7,16 +7,29 @@ Example::
 
     [["visual", "W_up", 11, 0.35], ["visual", "W_up", 10, 0.0], ["text", "W_p", null, 0.1]]
 
-Files are validated against the model before anything is applied: unknown tower or weight type,
-a layer the tower does not have, a ratio outside ``[0, 1)`` or one removing every component,
+Settings are validated against the model before anything is applied: unknown tower or weight
+type, a layer the tower does not have, a ratio outside ``[0, 1)`` or one removing every component,
 and a matrix listed twice are errors naming the entry.
+
+Files (:func:`load_settings`, the one reader; :data:`SETTINGS_FORMS` lists the forms it accepts):
+
+* ``best_settings.json`` as ``setar-search`` writes it (:func:`save_best_settings`), only once the
+  search is complete, carrying the completion marker::
+
+      {"format": "locoop.setar.settings", "complete": true, "settings": [[...], ...]}
+
+  A file of this form without ``"complete": true`` is refused, as is the search's own
+  ``search_progress.json``: both mean the search did not finish (rerun it: it resumes).
+* a plain list as above (written by hand, SeTAR's ``lora_settings``, ``finetune_settings.json``):
+  it carries no marker and is taken as complete -- our search never writes settings in this form
+  before it has finished, so only a file someone else wrote can be one.
 """
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
-from typing import Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from torch import nn
 
@@ -24,9 +37,13 @@ from locoop.engine.fileio import atomic_write_text
 
 from .lowrank import TOWERS, WEIGHT_TYPES, LowRankEditor, check_ratio, get_linear, n_removed
 
-__all__ = ["Setting", "validate_settings", "load_settings", "save_settings", "apply_settings", "nonzero"]
+__all__ = ["Setting", "SETTINGS_FORMAT", "PROGRESS_FORMAT", "SETTINGS_FORMS", "validate_settings", "load_settings",
+           "save_settings", "save_best_settings", "apply_settings", "nonzero"]
 
 Setting = Tuple[str, str, Optional[int], float]
+
+SETTINGS_FORMAT = "locoop.setar.settings"  # best_settings.json of a finished search
+PROGRESS_FORMAT = "locoop.setar.search_progress"  # search_progress.json of a search (see outputs.py)
 
 
 def _entry_error(i: int, entry, msg: str, source: str) -> ValueError:
@@ -91,12 +108,46 @@ def validate_settings(settings: Iterable, model: Optional[nn.Module] = None,
     return out
 
 
+def _read_plain_list(data: Any, source: str) -> Any:
+    return data
+
+
+def _read_best_settings(data: Mapping, source: str) -> Any:
+    if data.get("complete") is not True:
+        raise ValueError(f"{source} is marked incomplete: the SeTAR search writing it did not finish; run the same "
+                         "`python -m locoop setar-search` command again (it resumes) and use the best_settings.json "
+                         "it writes when it is done")
+    if "settings" not in data:
+        raise ValueError(f"{source} has no 'settings' entry; expected {{\"format\": \"{SETTINGS_FORMAT}\", "
+                         "\"complete\": true, \"settings\": [[tower, weight_type, layer, ratio], ...]}")
+    return data["settings"]
+
+
+def _read_progress(data: Mapping, source: str) -> Any:
+    raise ValueError(f"{source} is the progress file of a SeTAR search, not its result; run the same "
+                     "`python -m locoop setar-search` command again (it resumes or finishes) and use the "
+                     "best_settings.json next to it")
+
+
+def _is_ours(fmt: str) -> Callable[[Any], bool]:
+    return lambda data: isinstance(data, Mapping) and data.get("format") == fmt
+
+
+# (name, detect(data), read(data, source) -> entries); the first form whose detect() is true reads the file.
+SETTINGS_FORMS: List[Tuple[str, Callable[[Any], bool], Callable[[Any, str], Any]]] = [
+    ("plain list [[tower, weight_type, layer, ratio], ...]", lambda data: isinstance(data, list), _read_plain_list),
+    (f"best_settings.json of setar-search (format {SETTINGS_FORMAT!r})", _is_ours(SETTINGS_FORMAT),
+     _read_best_settings),
+    ("search_progress.json (refused)", _is_ours(PROGRESS_FORMAT), _read_progress),
+]
+
+
 def load_settings(path: Union[str, os.PathLike], model: Optional[nn.Module] = None) -> List[Setting]:
-    """Read and validate a settings JSON file (see :func:`validate_settings`).
+    """Read, check and validate a settings file in one of the :data:`SETTINGS_FORMS`.
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: not JSON, or invalid settings.
+        ValueError: not JSON, an unknown form, a file of an unfinished search, or invalid settings.
     """
     path = Path(path)
     if not path.is_file():
@@ -107,14 +158,32 @@ def load_settings(path: Union[str, os.PathLike], model: Optional[nn.Module] = No
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not valid JSON ({err}); "
                          "expected [[tower, weight_type, layer, ratio], ...]") from None
-    return validate_settings(data, model, source=str(path))
+    for _name, detect, read in SETTINGS_FORMS:
+        if detect(data):
+            return validate_settings(read(data, str(path)), model, source=str(path))
+    raise ValueError(f"{path}: expected a list [[tower, weight_type, layer, ratio], ...] or a best_settings.json "
+                     f"written by setar-search, got a {type(data).__name__}"
+                     + (f" with keys {sorted(data)[:8]}" if isinstance(data, Mapping) else ""))
+
+
+def _entry_lines(entries: Sequence[Setting], indent: str) -> str:
+    if not entries:
+        return "[]"
+    lines = ",\n".join(indent + "  " + json.dumps([t, w, l, r]) for t, w, l, r in entries)
+    return "[\n" + lines + "\n" + indent + "]"
 
 
 def save_settings(path: Union[str, os.PathLike], settings: Sequence[Sequence]) -> Path:
-    """Write settings as JSON, one entry per line (atomic: temp file + rename)."""
+    """Write settings as a plain JSON list, one entry per line (atomic: temp file + rename)."""
+    return atomic_write_text(path, _entry_lines(validate_settings(settings), "") + "\n")
+
+
+def save_best_settings(path: Union[str, os.PathLike], settings: Sequence[Sequence]) -> Path:
+    """Write the settings of a *complete* search with its completion marker (atomic)."""
     entries = validate_settings(settings)
-    lines = ",\n".join("  " + json.dumps([t, w, l, r]) for t, w, l, r in entries)
-    return atomic_write_text(path, "[\n" + lines + "\n]\n" if entries else "[]\n")
+    text = (f'{{\n  "format": {json.dumps(SETTINGS_FORMAT)},\n  "complete": true,\n'
+            f'  "settings": {_entry_lines(entries, "  ")}\n}}\n')
+    return atomic_write_text(path, text)
 
 
 def apply_settings(editor: LowRankEditor, settings: Iterable) -> List[Setting]:

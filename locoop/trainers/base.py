@@ -14,12 +14,19 @@ class PromptTrainer(TrainerX):
 
     The text features do not depend on the images, so a test pass computes them once and
     ``model_inference`` reads them from ``self._eval_text_features`` instead of once per batch.
+
+    Subclasses also expose ``clip_model`` and, where the prompts are fixed inputs of the text
+    tower, ``class_prompts()`` (a :class:`locoop.models.head.ClassPrompts`): what SeTAR's search
+    encodes through the pruned text tower.
     """
 
     _eval_text_features: Optional[Tensor] = None
 
     def text_features(self) -> Tensor:
         raise NotImplementedError(f"{type(self).__name__} must implement text_features()")
+
+    def class_prompts(self, chunk_size: Optional[int] = None):
+        raise NotImplementedError(f"{type(self).__name__} has no fixed class prompts (class_prompts())")
 
     @torch.no_grad()
     def test(self, split: Optional[str] = None) -> float:

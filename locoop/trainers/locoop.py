@@ -1,11 +1,13 @@
 """LoCoOp and CoOp trainers (CoOp = LoCoOp with LAMBDA 0).
 
-``CustomCLIP`` = prompt learner + fast exact text encoder + CLIP's image encoder; its forward gives
-``(logits_global [B, C], logits_local [B, P, C])`` with ``logit_scale.exp() * cosine``. Only the
-prompt learner is trained and checkpointed (``OUTPUT_DIR/prompt_learner/model.pth.tar-<epoch>``).
+``CustomCLIP`` = prompt learner + the CLIP head (:class:`locoop.models.head.CLIPHead`: fast exact
+text encoder, normalised image features, ``logit_scale.exp() * cosine`` logits); its forward gives
+``(logits_global [B, C], logits_local [B, P, C])``. Only the prompt learner is trained and
+checkpointed (``OUTPUT_DIR/prompt_learner/model.pth.tar-<epoch>``).
 
-Public interface for evaluation code: ``trainer.clip_model`` (the frozen CLIP) and
-``trainer.text_features()`` (normalised ``[C, D]`` features of the learned prompts).
+Public interface for evaluation code: ``trainer.clip_model`` (the frozen CLIP),
+``trainer.text_features()`` (normalised ``[C, D]`` features of the learned prompts) and
+``trainer.class_prompts()`` (the learned prompts as token embeddings, for SeTAR).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from locoop.engine.registry import TRAINER_REGISTRY
+from locoop.models.head import CLIPHead, ClassPrompts, ImageClassifier, accuracy
 
 from .base import PromptTrainer
 from .clip_backbone import load_clip
@@ -27,13 +30,10 @@ Tensor = torch.Tensor
 
 __all__ = ["CustomCLIP", "LoCoOp", "CoOp", "compute_accuracy"]
 
-
-def compute_accuracy(logits: Tensor, labels: Tensor) -> float:
-    """Top-1 accuracy in percent."""
-    return (logits.argmax(dim=-1) == labels).float().mean().item() * 100.0
+compute_accuracy = accuracy  # the reference's name (Dassl's ``compute_accuracy``)
 
 
-class CustomCLIP(nn.Module):
+class CustomCLIP(ImageClassifier):
     """CLIP with learned prompts.
 
     Args:
@@ -50,8 +50,15 @@ class CustomCLIP(nn.Module):
         super().__init__()
         self.prompt_learner = PromptLearner(classnames, clip_model, n_ctx=n_ctx, ctx_init=ctx_init, csc=csc,
                                             class_token_position=class_token_position, verbose=verbose)
-        self.clip_model = clip_model
-        self.text_encoder = TextEncoder(clip_model, text_mode)
+        self.head = CLIPHead(clip_model, text_mode)
+
+    @property
+    def clip_model(self) -> nn.Module:
+        return self.head.clip_model
+
+    @property
+    def text_encoder(self) -> TextEncoder:
+        return self.head.text_encoder
 
     @property
     def image_encoder(self) -> nn.Module:
@@ -65,24 +72,25 @@ class CustomCLIP(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.clip_model.dtype
 
+    @property
+    def num_classes(self) -> int:
+        return int(self.prompt_learner.n_cls)
+
     def text_features(self) -> Tensor:
-        """L2-normalised features of the learned prompts ``[C, D]`` (differentiable wrt the context)."""
-        return F.normalize(self.text_encoder(self.prompt_learner), dim=-1)
+        """L2-normalised float32 features of the learned prompts ``[C, D]`` (differentiable wrt the context)."""
+        return self.head.text_features(self.prompt_learner)
+
+    def class_prompts(self, chunk_size: Optional[int] = None) -> ClassPrompts:
+        """The learned prompts as token embeddings ``[C, 77, W]`` (detached), e.g. for SeTAR's search."""
+        pl = self.prompt_learner
+        with torch.no_grad():
+            embeddings = pl().detach()
+        kw = {} if chunk_size is None else {"chunk_size": int(chunk_size)}
+        return ClassPrompts(embeddings=embeddings, eot_idx=pl.eot_idx.detach().clone(), **kw)
 
     def encode_image(self, image: Tensor, return_local: bool = True) -> Union[Tensor, tuple[Tensor, Tensor]]:
-        """Normalised global ``[B, D]`` (and local ``[B, P, D]``) image features.
-
-        Computed without a graph unless some image-tower parameter is trainable: CLIP is frozen, so
-        nothing upstream of the features needs a gradient and the activations need not be kept.
-        """
-        visual = self.clip_model.visual
-        track = torch.is_grad_enabled() and any(p.requires_grad for p in visual.parameters())
-        with torch.set_grad_enabled(track):
-            out = self.clip_model.encode_image(image.to(self.dtype), return_local=return_local)
-        if not return_local:
-            return F.normalize(out, dim=-1)
-        glob, local = out
-        return F.normalize(glob, dim=-1), F.normalize(local, dim=-1)
+        """Normalised float32 global ``[B, D]`` (and local ``[B, P, D]``) image features (see :class:`CLIPHead`)."""
+        return self.head.encode_image(image, return_local)
 
     def forward(self, image: Tensor, return_local: bool = True, text_features: Optional[Tensor] = None
                 ) -> Union[Tensor, tuple[Tensor, Tensor]]:
@@ -93,13 +101,8 @@ class CustomCLIP(nn.Module):
             return_local: also return the local logits.
             text_features: precomputed normalised text features (evaluation); default: from the prompts.
         """
-        feats = self.encode_image(image, return_local)
         text = self.text_features() if text_features is None else text_features
-        scale = self.logit_scale.exp()
-        if not return_local:
-            return scale * feats @ text.t()
-        glob, local = feats
-        return scale * glob @ text.t(), scale * local @ text.t()
+        return self.head(image, text, return_local)
 
 
 @TRAINER_REGISTRY.register("LoCoOp")
@@ -195,9 +198,13 @@ class LoCoOp(PromptTrainer):
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def text_features(self) -> Tensor:
-        """Normalised text features ``[C, D]`` of the learned prompts (no gradient)."""
+        """Normalised float32 text features ``[C, D]`` of the learned prompts (no gradient)."""
         with self.autocast():
             return self.model.text_features()
+
+    def class_prompts(self, chunk_size: Optional[int] = None) -> ClassPrompts:
+        """The learned prompts as token embeddings (see :meth:`CustomCLIP.class_prompts`)."""
+        return self.model.class_prompts(chunk_size)
 
     def model_inference(self, input: Tensor) -> Tensor:
         """Global logits ``[B, C]`` (under the same autocast as ``text_features``: with ``amp`` both are fp16)."""

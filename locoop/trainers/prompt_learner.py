@@ -29,11 +29,12 @@ initial context under the same torch CPU kernels. ``init_rng="global"`` draws fr
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from locoop.models.head import zero_shot_text_features  # noqa: F401  (kept importable from here)
 
 Tensor = torch.Tensor
 
@@ -303,37 +304,3 @@ class PromptLearner(nn.Module):
                 f"TRAINER.LOCOOP.N_CTX / CSC (and CTX_INIT, the class list) to those of the checkpoint")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-
-
-@torch.no_grad()
-def zero_shot_text_features(clip_model: nn.Module, classnames: Sequence[str],
-                            template: Union[str, Sequence[str]] = "a photo of a {}.",
-                            device: Optional[Union[str, torch.device]] = None, batch_size: int = 256) -> Tensor:
-    """L2-normalised text features ``[C, D]`` of hand-written prompts.
-
-    Args:
-        clip_model: CLIP model.
-        classnames: class names ('_' read as a space).
-        template: a format string with one ``{}``, or several (their normalised features are averaged,
-            then normalised again, as CLIP's prompt ensembling).
-        device: where to compute (default: the model's device).
-        batch_size: prompts per forward pass.
-
-    Returns:
-        float tensor ``[C, D]`` on ``device``, rows of unit norm (in the model's dtype).
-    """
-    templates = [template] if isinstance(template, str) else list(template)
-    if not templates or any("{}" not in t for t in templates):
-        raise ValueError(f"template must contain '{{}}' for the class name, got {template!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    device = torch.device(device) if device is not None else clip_model.token_embedding.weight.device
-    names = [c.replace("_", " ") for c in classnames]
-    total = None
-    for t in templates:
-        tokens = _tokenize([t.format(n) for n in names], int(clip_model.context_length))
-        feats = [F.normalize(clip_model.encode_text(tokens[i:i + batch_size].to(device)), dim=-1)
-                 for i in range(0, len(names), batch_size)]
-        f = torch.cat(feats, dim=0)
-        total = f if total is None else total + f
-    return F.normalize(total, dim=-1) if len(templates) > 1 else total

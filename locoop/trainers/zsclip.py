@@ -2,74 +2,91 @@
 
 The default ``"a photo of a {}."`` is CoOp's ZeroshotCLIP template for ImageNet; the MCM / GL-MCM
 evaluation uses ``"a photo of a {}"`` (no full stop): ``configs/zeroshot/{MCM,GL-MCM}.yaml`` set it.
+
+:class:`SeTARZeroshotCLIP` is the same model with SeTAR's prompt (``SETAR.PROMPT_TEMPLATE``): the
+model ``setar-search`` prunes when no prompt-learning run is given.
 """
 from __future__ import annotations
 
 from typing import Optional, Union
 
 import torch
-import torch.nn.functional as F
 
 from locoop.engine.registry import TRAINER_REGISTRY
-from locoop.engine.trainer import TrainerX
+from locoop.models.head import DEFAULT_TEXT_CHUNK, CLIPHead, ClassPrompts, zero_shot_prompts
 
+from .base import PromptTrainer
 from .clip_backbone import load_clip
-from .prompt_learner import zero_shot_text_features
 
 Tensor = torch.Tensor
 
-__all__ = ["ZeroshotCLIP", "ZS_TEMPLATE"]
+__all__ = ["ZeroshotCLIP", "SeTARZeroshotCLIP", "ZS_TEMPLATE"]
 
 ZS_TEMPLATE = "a photo of a {}."
 
 
 @TRAINER_REGISTRY.register("ZeroshotCLIP")
-class ZeroshotCLIP(TrainerX):
+class ZeroshotCLIP(PromptTrainer):
     """CLIP with hand-written prompts; evaluation only (``--eval-only``).
 
-    Same interface as the prompt-learning trainers: ``clip_model`` and ``text_features()``.
-    The prompt is ``TRAINER.ZSCLIP.PROMPT_TEMPLATE`` (``template`` after building).
+    Same interface as the prompt-learning trainers: ``clip_model``, ``text_features()`` and
+    ``class_prompts()``. The text features are computed from the current weights at every call
+    (once per test pass, see :class:`PromptTrainer`), so a pruned or adapted text tower is seen.
+    The prompt is ``TRAINER.ZSCLIP.PROMPT_TEMPLATE`` (:meth:`prompt_template`).
     """
 
     template = ZS_TEMPLATE
+    NEEDS_CHECKPOINT = False
 
     #: Checked when the trainer is created (locoop/config/checks.py).
     CFG_SECTIONS = ("MODEL.BACKBONE", "TRAINER.LOCOOP", "TRAINER.ZSCLIP")
 
+    def prompt_template(self) -> str:
+        """The class-prompt template: the one place it is chosen."""
+        return str(self.cfg.TRAINER.ZSCLIP.PROMPT_TEMPLATE)
+
     def build_model(self) -> None:
         cfg = self.cfg
-        self.template = str(cfg.TRAINER.ZSCLIP.PROMPT_TEMPLATE)
+        self.template = self.prompt_template()
         # amp makes no sense without training: fp16 on CUDA as CLIP ships, fp32 elsewhere.
         prec = "fp16" if cfg.TRAINER.LOCOOP.PREC == "amp" else cfg.TRAINER.LOCOOP.PREC
         self.clip_model, self.precision = load_clip(cfg, self.device, prec, verbose=bool(cfg.VERBOSE))
         for p in self.clip_model.parameters():
             p.requires_grad_(False)
-        classnames = list(self.dm.dataset.classnames)
+        self.head = CLIPHead(self.clip_model)
         if cfg.VERBOSE:
-            print(f"Prompt template: {self.template!r} ({len(classnames)} classes)")
-        self._text_features = zero_shot_text_features(self.clip_model, classnames, self.template, device=self.device)
+            print(f"Prompt template: {self.prompt_template()!r} ({len(self.dm.dataset.classnames)} classes)")
 
+    def class_prompts(self, chunk_size: Optional[int] = None) -> ClassPrompts:
+        """The tokenized prompts ``prompt_template().format(<class>)``."""
+        return zero_shot_prompts(list(self.dm.dataset.classnames), self.prompt_template(),
+                                 int(self.clip_model.context_length), chunk_size=chunk_size or DEFAULT_TEXT_CHUNK)
+
+    @torch.no_grad()
     def text_features(self) -> Tensor:
-        """Normalised text features ``[C, D]`` of the class prompts."""
-        return self._text_features
+        """Normalised float32 text features ``[C, D]`` of the class prompts."""
+        return self.head.text_features(self.class_prompts())
 
     @torch.no_grad()
     def model_inference(self, input: Tensor, return_local: bool = False) -> Union[Tensor, tuple[Tensor, Tensor]]:
         """Logits ``logit_scale.exp() * cos``: global ``[B, C]`` (and local ``[B, P, C]``)."""
-        out = self.clip_model.encode_image(input.to(self.clip_model.dtype), return_local=return_local)
-        scale = self.clip_model.logit_scale.exp()
-        text = self._text_features
-        if not return_local:
-            return scale * F.normalize(out, dim=-1) @ text.t()
-        glob, local = out
-        return scale * F.normalize(glob, dim=-1) @ text.t(), scale * F.normalize(local, dim=-1) @ text.t()
+        text = self._eval_text_features if self._eval_text_features is not None else self.text_features()
+        return self.head(input, text, return_local)
 
     def train(self) -> None:  # type: ignore[override]
-        raise ValueError("ZeroshotCLIP has nothing to train; run it with --eval-only")
+        raise ValueError(f"{type(self).__name__} has nothing to train; run it with --eval-only")
 
     def forward_backward(self, batch: dict) -> dict:
-        raise ValueError("ZeroshotCLIP has nothing to train; run it with --eval-only")
+        raise ValueError(f"{type(self).__name__} has nothing to train; run it with --eval-only")
 
     def load_model(self, directory: str, epoch: Optional[int] = None, strict: bool = True) -> None:
         if directory and self.cfg.VERBOSE:
-            print(f"Note: ZeroshotCLIP has no learned weights; ignoring --model-dir {directory}")
+            print(f"Note: {type(self).__name__} has no learned weights; ignoring --model-dir {directory}")
+
+
+@TRAINER_REGISTRY.register("SeTARZeroshotCLIP")
+class SeTARZeroshotCLIP(ZeroshotCLIP):
+    """Zero-shot CLIP with SeTAR's class prompt ``SETAR.PROMPT_TEMPLATE`` (what ``setar-search`` prunes)."""
+
+    def prompt_template(self) -> str:
+        return str(self.cfg.SETAR.PROMPT_TEMPLATE)

@@ -24,7 +24,6 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 __all__ = ["RegionMap", "compute_ood_regions", "visualization_path", "check_image_file", "shade_regions",
            "visualize_ood_regions", "SHADE_RGB"]
@@ -74,6 +73,8 @@ def compute_ood_regions(clip_model: torch.nn.Module, text_features: torch.Tensor
                         label: int, top_k: int, logit_scale: Optional[float] = None) -> RegionMap:
     """Which regions of one preprocessed image LoCoOp treats as OOD, and their confidence.
 
+    Features and logits come from the CLIP head (:class:`locoop.models.head.CLIPHead`), as in training.
+
     Args:
         clip_model: CLIP model with ``encode_image(x, return_local=True)`` and ``visual.grid_size``.
         text_features: ``[C, D]`` class text features (normalised here).
@@ -87,6 +88,7 @@ def compute_ood_regions(clip_model: torch.nn.Module, text_features: torch.Tensor
         ValueError: label outside ``[0, C)``, ``top_k < 1``, or a local-feature count that does not
             match the model's grid.
     """
+    from locoop.models.head import CLIPHead, l2_normalize
     from locoop.trainers.loss import select_ood_patches
 
     if image.dim() == 3:
@@ -101,15 +103,15 @@ def compute_ood_regions(clip_model: torch.nn.Module, text_features: torch.Tensor
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     k = min(int(top_k), num_classes)
     grid = _model_grid(clip_model, (image.shape[-2], image.shape[-1]))
-    glob, local = clip_model.encode_image(image, return_local=True)
+    head = CLIPHead(clip_model)
+    glob, local = head.encode_image(image, return_local=True)
     if local.shape[1] != grid[0] * grid[1]:
         raise ValueError(f"the model returned {local.shape[1]} local features but its grid for a "
                          f"{image.shape[-2]}x{image.shape[-1]} input is {grid[0]}x{grid[1]}")
-    text = F.normalize(text_features.detach().float().to(local.device), dim=-1)
-    if logit_scale is None:
-        logit_scale = float(clip_model.logit_scale.exp().item()) if hasattr(clip_model, "logit_scale") else 100.0
-    logits_local = logit_scale * F.normalize(local.float(), dim=-1) @ text.t()  # [1, P, C]
-    global_pred = int((F.normalize(glob.float(), dim=-1) @ text.t()).argmax(dim=-1).item())
+    text = l2_normalize(text_features.detach().to(local.device))
+    scale = head.logit_scale if logit_scale is None else logit_scale  # the logits the loss sees by default
+    logits_local = head.logits(local, text, scale)  # [1, P, C]
+    global_pred = int(head.logits(glob, text, scale).argmax(dim=-1).item())
     mask = select_ood_patches(logits_local, torch.tensor([label], device=local.device), k)[0]
     probs = logits_local[0].softmax(dim=-1)
     conf, pred = probs.max(dim=-1)
