@@ -42,6 +42,7 @@ _LABELS = {"TRAINER.NAME": "trainer", "MODEL.BACKBONE.NAME": "backbone", "TRAINE
 # How the two inputs are called in messages: by the CLI, and by the scripts.
 CLI_NAMES = {"model_dir": "MODEL_DIR", "load_epoch": "--load-epoch"}
 SCRIPT_NAMES = {"model_dir": "MODEL_DIR", "load_epoch": "LOAD_EPOCH"}
+_RUN_FOLDER = "train.sh writes output/<DATASET>/<TRAINER>/<CFG>_<SHOTS>shots/nctx<NCTX>_csc<CSC>_ctp<CTP>/seed<SEED>"
 
 
 @dataclass
@@ -137,15 +138,14 @@ def read_run_settings(model_dir: str, load_epoch: Optional[str] = None,
     n = dict(CLI_NAMES, **(names or {}))
     md, le = n["model_dir"], n["load_epoch"]
     if not os.path.isdir(model_dir):
-        raise FileNotFoundError(f"{md} {model_dir} is not a folder; give the output folder of a training run "
-                                "(e.g. output/imagenet/LoCoOp/vit_b16_ep50_16shots/nctx16_cscFalse_ctpend/seed1)")
+        raise FileNotFoundError(f"{md} {model_dir} is not a folder; give the folder a training wrote ({_RUN_FOLDER})")
     config = os.path.join(model_dir, CONFIG_FILE)
     config = config if os.path.isfile(config) else None
     found = find_checkpoints(model_dir)
     if config is None and not found:
         raise FileNotFoundError(
             f"{md} {model_dir} holds neither {CONFIG_FILE} nor checkpoints (<model>/model.pth.tar-<epoch>): it is "
-            "not a training run folder; give the folder that train.sh / `python -m locoop train --output-dir` wrote")
+            f"not a training run folder; give the folder a training wrote ({_RUN_FOLDER})")
     if not found:
         raise FileNotFoundError(f"{md} {model_dir} has a {CONFIG_FILE} but no checkpoint yet "
                                 "(<model>/model.pth.tar-<epoch>): let the training save one, or resume it")
