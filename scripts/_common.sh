@@ -33,11 +33,11 @@ _pick_python() {
     local venv="${REPO}/.venv/bin/python" why
     if [ -n "${PYTHON:-}" ]; then
         PY=${PYTHON}
-        command -v "${PY}" >/dev/null 2>&1 || die "PYTHON=${PY} is not an executable; unset it to use ${venv}"
+        command -v "${PY}" >/dev/null 2>&1 || die "PYTHON=${PY} is not an executable; unset it to use ${venv} (else python3)"
         why="PYTHON"
     elif [ -x "${venv}" ]; then
         PY=${venv}
-        return
+        why="venv"
     elif command -v python3 >/dev/null 2>&1; then
         PY=python3
         why="no ${venv}"
@@ -47,15 +47,24 @@ _pick_python() {
     else
         die "no Python found: run 'make install' in ${REPO} (creates .venv, which the scripts then use) or set PYTHON"
     fi
-    if [ "$(command -v "${PY}")" = "${venv}" ]; then return; fi
-    echo "${SCRIPT}: using $(command -v "${PY}") (${why})" >&2
+    if [ "$(command -v "${PY}")" = "${venv}" ]; then
+        why="venv"
+    else
+        echo "${SCRIPT}: using $(command -v "${PY}") (${why})" >&2
+    fi
     # find_spec imports nothing: this costs milliseconds, and a missing package is reported before a model loads.
     local missing
     missing=$("${PY}" -c "import importlib.util as u; print(' '.join(n for n in ('yacs', 'torch', 'torchvision') if u.find_spec(n) is None))" 2>/dev/null) \
         || die "${PY} does not run; set PYTHON to a Python >= 3.9 or run 'make install' in ${REPO}"
     if [ -n "${missing}" ]; then
-        die "${PY} lacks the project's packages (${missing}): run 'make install' in ${REPO} (creates .venv, which" \
-            "the scripts then use), or 'source .venv/bin/activate', or install them: pip install -r requirements.txt && pip install -e ."
+        local fix="run 'make install' in ${REPO} (creates .venv, which the scripts then use)"
+        if [ "${why}" = "venv" ]; then
+            fix="the installation into ${REPO}/.venv is incomplete: run 'make install' there again"
+        elif [ "${why}" = "PYTHON" ]; then
+            if [ -x "${venv}" ]; then fix="unset PYTHON to use ${venv}"; else fix="set PYTHON to a Python that has them, or ${fix}"; fi
+        fi
+        die "${PY} lacks the project's packages (${missing}): ${fix}; or install them into this Python:" \
+            "pip install -r requirements.txt && pip install -e ."
     fi
 }
 _pick_python
@@ -91,6 +100,14 @@ repo_config() {
     local choices=()
     for f in "${REPO}/${dir}"/*.yaml; do [ -f "$f" ] && choices+=("$(basename "$f" .yaml)"); done
     die "${name} '${stem}': no ${dir}/${stem}.yaml; choose one of: ${choices[*]:-(none)}"
+}
+
+# locoop_inputs DATA DATASET CFG: check the LoCoOp scripts' first three arguments and set
+# DATASET_YAML (configs/datasets/<DATASET>.yaml) and CFG_YAML (configs/trainers/LoCoOp/<CFG>.yaml).
+locoop_inputs() {
+    need_dir DATA "$1"
+    DATASET_YAML=$(repo_config DATASET configs/datasets "$2")
+    CFG_YAML=$(repo_config CFG configs/trainers/LoCoOp "$3")
 }
 
 # config_file NAME PATH: PATH as given if it is a file, else relative to the repository, else stop.

@@ -74,16 +74,33 @@ def test_without_venv_python3_is_used_with_one_note(tmp_path):
     assert p.stderr.strip() == f"probe.sh: using {bin_dir / 'python3'} (no {repo / '.venv' / 'bin' / 'python'})"
 
 
-def test_a_python_without_the_packages_stops_with_the_fix(tmp_path):
-    repo = _fake_repo(tmp_path)
+def _bare_python(tmp_path):
+    """A real Python without the project's packages."""
     bare = tmp_path / "bare"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True, timeout=120)
-    p = _probe(repo, [bare / "bin"])
+    return bare / "bin" / "python3"
+
+
+def test_a_python_without_the_packages_stops_with_the_fix(tmp_path):
+    bare = _bare_python(tmp_path)
+    repo = _fake_repo(tmp_path)
+    venv = repo / ".venv" / "bin" / "python"
+    p = _probe(repo, [bare.parent])
     assert p.returncode == 2
     msg = p.stderr.strip().splitlines()
-    assert msg[0] == f"probe.sh: using {bare / 'bin' / 'python3'} (no {repo / '.venv' / 'bin' / 'python'})"
-    assert "lacks the project's packages (yacs torch torchvision)" in msg[1] and "make install" in msg[1]
-    assert "source .venv/bin/activate" in msg[1] and len(msg) == 2
+    assert msg[0] == f"probe.sh: using {bare} (no {venv})" and len(msg) == 2
+    assert msg[1].startswith(f"probe.sh: error: python3 lacks the project's packages (yacs torch torchvision): "
+                             f"run 'make install' in {repo} (creates .venv, which the scripts then use)")
+    assert msg[1].endswith("pip install -r requirements.txt && pip install -e .")
+    # A .venv whose installation stopped half-way says so (and nothing about which interpreter: it is the venv).
+    _wrapper(venv, bare)
+    p = _probe(repo)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1
+    assert f"the installation into {repo}/.venv is incomplete: run 'make install' there again" in p.stderr
+    # PYTHON without the packages while a good .venv exists: unset it.
+    _wrapper(venv, sys.executable)
+    p = _probe(repo, PYTHON=str(bare))
+    assert p.returncode == 2 and f"unset PYTHON to use {venv}" in p.stderr
 
 
 def test_every_script_sources_the_shared_preamble():

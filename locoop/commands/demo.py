@@ -292,7 +292,8 @@ def _run(args: argparse.Namespace) -> int:
     total = time.time() - t_start
     print(f"\nDemo finished in {total:.0f} s (train {times['train']:.0f} s, eval {times['eval']:.0f} s, "
           f"visualise {times['visualize']:.0f} s). Again: a smoke run; the numbers are meaningless.")
-    print("\nNext, the scripts on the demo's data (from the repository folder; each takes well under a minute):\n  "
+    print("\nNext, the scripts on the demo's data (from the repository folder; each a few tens of seconds on a CPU):"
+          "\n  "
           + "\n  ".join(next_commands(out, prepared, image, label)))
     return 0
 

@@ -33,9 +33,7 @@ MODEL_DIR=$4
 IMAGE_PATH=$5
 LABEL=$6
 
-need_dir DATA "${DATA}"
-DATASET_YAML=$(repo_config DATASET configs/datasets "${DATASET}")
-CFG_YAML=$(repo_config CFG configs/trainers/LoCoOp "${CFG}")
+locoop_inputs "${DATA}" "${DATASET}" "${CFG}"
 need_file IMAGE_PATH "${IMAGE_PATH}"
 need_int LABEL "${LABEL}" 0
 LOAD_EPOCH=${LOAD_EPOCH:-${EPOCHS:-}}

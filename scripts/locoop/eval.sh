@@ -33,9 +33,7 @@ CFG=$3
 T=$4
 MODEL_DIR=$5
 
-need_dir DATA "${DATA}"
-DATASET_YAML=$(repo_config DATASET configs/datasets "${DATASET}")
-CFG_YAML=$(repo_config CFG configs/trainers/LoCoOp "${CFG}")
+locoop_inputs "${DATA}" "${DATASET}" "${CFG}"
 need_number T "${T}"
 LOAD_EPOCH=${LOAD_EPOCH:-${EPOCHS:-}}
 run_settings "${MODEL_DIR}"

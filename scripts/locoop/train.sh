@@ -35,9 +35,7 @@ CSC=$7
 LAMBDA=$8
 TOPK=$9
 
-need_dir DATA "${DATA}"
-DATASET_YAML=$(repo_config DATASET configs/datasets "${DATASET}")
-CFG_YAML=$(repo_config CFG configs/trainers/LoCoOp "${CFG}")
+locoop_inputs "${DATA}" "${DATASET}" "${CFG}"
 case "${CTP}" in end|middle|front) ;; *) die "CTP must be end, middle or front, got '${CTP}'" ;; esac
 need_int NCTX "${NCTX}" 1
 need_int SHOTS "${SHOTS}"
