@@ -52,10 +52,12 @@ _pick_python() {
     else
         echo "${SCRIPT}: using $(command -v "${PY}") (${why})" >&2
     fi
-    # find_spec imports nothing: this costs milliseconds, and a missing package is reported before a model loads.
-    local missing
-    missing=$("${PY}" -c "import importlib.util as u; print(' '.join(n for n in ('yacs', 'torch', 'torchvision') if u.find_spec(n) is None))" 2>/dev/null) \
+    # find_spec imports nothing: this costs milliseconds, and a missing package is reported before a model
+    # loads. Only a well-formed answer ("missing: NAMES") counts: a stand-in for python is not second-guessed.
+    local answer missing
+    answer=$("${PY}" -c "import importlib.util as u; print('missing' + ':', *(n for n in ('yacs', 'torch', 'torchvision') if u.find_spec(n) is None))" 2>/dev/null) \
         || die "${PY} does not run; set PYTHON to a Python >= 3.9 or run 'make install' in ${REPO}"
+    missing=$(printf '%s\n' "${answer}" | sed -n 's/^missing: *//p')
     if [ -n "${missing}" ]; then
         local fix="run 'make install' in ${REPO} (creates .venv, which the scripts then use)"
         if [ "${why}" = "venv" ]; then
@@ -110,11 +112,10 @@ locoop_inputs() {
     CFG_YAML=$(repo_config CFG configs/trainers/LoCoOp "$3")
 }
 
-# config_file NAME PATH: PATH as given if it is a file, else relative to the repository, else stop.
+# config_file PATH: PATH as given if it is a file, else relative to the repository when that exists
+# (a missing file is left for the command to report).
 config_file() {
-    if [ -f "$2" ]; then echo "$2"; return; fi
-    if [ -f "${REPO}/$2" ]; then echo "${REPO}/$2"; return; fi
-    die "$1 $2 is not a file (looked in the working folder and in ${REPO})"
+    if [ ! -f "$1" ] && [ -f "${REPO}/$1" ]; then echo "${REPO}/$1"; else echo "$1"; fi
 }
 
 # run_settings MODEL_DIR: the settings a training run folder was trained with, as RUN_* variables

@@ -223,9 +223,6 @@ def test_eval_and_visualization_errors_name_their_own_arguments(tmp_path):
          "CTP must be"),
         ("scripts/locoop/train.sh", [data, "imagenet", "vit_b16_ep50", "end", 16, 16, "false", 0.25, 200], {},
          "CSC must be"),
-        ("scripts/setar/search.sh", [data, "configs/setar/imagenet/Nope.yaml", tmp_path / "o"], {}, "CONFIG "),
-        ("scripts/setar/finetune.sh", [tmp_path / "nodata", "configs/setar/finetune/imagenet/LoRA.yaml", "o"], {},
-         "DATA "),
     ]
     for rel, args, env, expected in cases:
         p = _script(rel, args, tmp_path, **env)

@@ -20,7 +20,7 @@
 #   KEY VALUE trailing config overrides (e.g. DATASET.VAL_SPLIT_FILE FILE, OPTIM.MAX_EPOCH 5)
 #
 # Optional environment variables:
-#   PYTHON    interpreter (default: .venv/bin/python)      SEED      -> --seed (default: the config's, SeTAR's 5)
+#   PYTHON    interpreter (default: .venv/bin/python)  SEED  -> --seed (default: the config's, SeTAR's 5)
 #   BACKBONE  -> MODEL.BACKBONE.NAME                DEVICE    cpu, cuda, cuda:1 (default automatic)
 #   NO_TEST   1: stop after training (no benchmark)
 #   MODEL_DIR a finished run folder: test it without training (results in OUTPUT; SETTINGS optional)
@@ -40,8 +40,7 @@ if [ "$#" -ge 1 ] && { [ -f "$1" ] || [ $(( $# % 2 )) -eq 1 ]; }; then
     shift
 fi
 
-need_dir DATA "${DATA}"
-CONFIG=$(config_file CONFIG "${CONFIG}")
+CONFIG=$(config_file "${CONFIG}")
 
 FLAGS=()
 if [ -n "${SETTINGS}" ]; then FLAGS+=(--settings "${SETTINGS}"); fi

@@ -18,7 +18,7 @@
 #   KEY VALUE  trailing config overrides (e.g. SETAR.MODE naive, DATASET.VAL_SPLIT_FILE FILE)
 #
 # Optional environment variables:
-#   PYTHON      interpreter (default: .venv/bin/python)      SEED      -> --seed (default: the config's, SeTAR's 5)
+#   PYTHON      interpreter (default: .venv/bin/python)   SEED  -> --seed (default: the config's, SeTAR's 5)
 #   SETTINGS    a best_settings.json to apply instead of searching ('none': the unpruned model)
 #   MODE        fast (default) or naive                BACKBONE  -> MODEL.BACKBONE.NAME
 #   DEVICE      cpu, cuda, cuda:1 (default automatic)  LOAD_EPOCH  checkpoint epoch of MODEL_DIR (default: best/latest)
@@ -40,8 +40,7 @@ if [ "$#" -ge 1 ] && [[ ! "$1" =~ ^[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)+$ ]] && [[ "$1"
     shift
 fi
 
-need_dir DATA "${DATA}"
-CONFIG=$(config_file CONFIG "${CONFIG}")
+CONFIG=$(config_file "${CONFIG}")
 
 FLAGS=()
 RUN_OPTS=()
