@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "extract": ("locoop.commands.extract", "Cache the image features of the ID/OOD sets (fast re-evaluation)"),
     "summarize": ("locoop.commands.summarize", "Average several seeds' ood_results.json (mean and std)"),
     "check-data": ("locoop.commands.check_data", "Check a dataset folder layout and report what to fix"),
+    "run-settings": ("locoop.commands.run_settings", "What a training run folder was trained with (N_CTX, CSC, epochs, ...)"),
 }
 
 

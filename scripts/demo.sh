@@ -4,8 +4,7 @@
 #
 #   bash scripts/demo.sh [--output DIR] [--epochs N]
 #
-# PYTHON selects the interpreter (default: python).
+# PYTHON selects the interpreter (default: the repository's .venv/bin/python, else python3).
 set -euo pipefail
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-export PYTHONPATH="${REPO}${PYTHONPATH:+:${PYTHONPATH}}"
-exec "${PYTHON:-python}" -m locoop demo "$@"
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
+exec "${PY}" -m locoop demo "$@"

@@ -4,6 +4,7 @@
 Examples:
     python tools/make_demo_data.py --root /tmp/demo-data
     python tools/make_demo_data.py --root /tmp/demo-data --classes 10 --train-per-class 16 --ood --voc --val-split
+    python tools/make_demo_data.py --root /tmp/demo-data --size 224 224 --ood --val-split --scenes
     python -m locoop check-data --root /tmp/demo-data --ood
 """
 from __future__ import annotations
@@ -15,7 +16,10 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from locoop.data.datasets.ood import IMAGENET_OOD_SETS, OOD_LAYOUT  # noqa: E402
-from locoop.data.synthetic import make_imagenet_like, make_ood_sets, make_val_split, make_voc_like  # noqa: E402
+
+VAL_SPLIT = "imagenet1k_val_data.json"  # SeTAR's name; DATASET.VAL_SPLIT_FILE finds it in the dataset folder
+from locoop.data.synthetic import (make_imagenet_like, make_ood_sets, make_scenes, make_val_split,  # noqa: E402
+                                   make_voc_like)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,7 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ood-layout", choices=["mcm", "setar"], default="mcm", help="OOD folder layout")
     parser.add_argument("--voc", action="store_true", help="also write a Pascal-VOC ID set (SeTAR's layout)")
     parser.add_argument("--val-split", action="store_true",
-                        help="write imagenet/val_split.json: one training image per class (SeTAR style)")
+                        help=f"write imagenet/{VAL_SPLIT}: one training image per class (SeTAR's file and format)")
+    parser.add_argument("--scenes", action="store_true",
+                        help="write scenes/<wnid>_scene.jpg: each class's pattern on an OOD background (for visualize)")
     return parser.parse_args(argv)
 
 
@@ -54,9 +60,12 @@ def main(argv: list[str] | None = None) -> int:
         voc = make_voc_like(args.root, image_size=size, seed=args.seed)
         print(f"Pascal-VOC: {voc['dataset_dir']} ({len(voc['classes'])} classes)")
     if args.val_split:
-        out = os.path.join(info["dataset_dir"], "val_split.json")
+        out = os.path.join(info["dataset_dir"], VAL_SPLIT)
         make_val_split(out, os.path.join(info["dataset_dir"], "images", "train"), per_class=1, seed=args.seed)
-        print(f"Validation split: {out} (use DATASET.VAL_SPLIT_FILE {out})")
+        print(f"Validation split: {out} (use DATASET.VAL_SPLIT_FILE {VAL_SPLIT})")
+    if args.scenes:
+        paths = make_scenes(args.root, args.classes, size, seed=args.seed)
+        print(f"Scenes: {os.path.dirname(paths[0])}/ ({len(paths)} images; class i = label i)")
     return 0
 
 

@@ -61,6 +61,41 @@ def ood_image(set_index: int, size: tuple, rng: np.random.Generator) -> Image.Im
     return Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8), "RGB")
 
 
+def scene_image(label: int, num_classes: int, size: tuple, rng: np.random.Generator, set_index: int = 0,
+                object_fraction: float = 0.5) -> Image.Image:
+    """An ID object on an OOD background, LoCoOp's picture of a training image.
+
+    Class ``label``'s pattern (:func:`class_image`) fills a centred box covering ``object_fraction``
+    of each side; the rest is the OOD checkerboard of set ``set_index`` (:func:`ood_image`). The
+    regions a trained model treats as OOD should then be mostly the background.
+    """
+    if not 0.0 < object_fraction <= 1.0:
+        raise ValueError(f"object_fraction must be in (0, 1], got {object_fraction}")
+    h, w = size
+    out = np.array(ood_image(set_index, size, rng))
+    obj = np.array(class_image(label, num_classes, size, rng))
+    bh, bw = max(1, round(h * object_fraction)), max(1, round(w * object_fraction))
+    top, left = (h - bh) // 2, (w - bw) // 2
+    out[top:top + bh, left:left + bw] = obj[top:top + bh, left:left + bw]
+    return Image.fromarray(out, "RGB")
+
+
+def make_scenes(root: str, num_classes: int, image_size: tuple = (224, 224), seed: int = 0,
+                folder: str = "scenes") -> list:
+    """Write one :func:`scene_image` per class as ``<root>/<folder>/<wnid>_scene.jpg`` (outside every dataset).
+
+    Returns:
+        The paths, by label.
+    """
+    rng = np.random.default_rng(seed)
+    paths = []
+    for label in range(num_classes):
+        path = os.path.join(os.path.abspath(root), folder, f"{synthetic_wnid(label)}_scene.jpg")
+        _save(scene_image(label, num_classes, image_size, rng), path)
+        paths.append(path)
+    return paths
+
+
 def _save(img: Image.Image, path: str) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     ext = os.path.splitext(path)[1].lower()

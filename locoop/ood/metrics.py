@@ -100,10 +100,11 @@ def _labels_and_scores(id_s: np.ndarray, ood_s: np.ndarray) -> Tuple[np.ndarray,
     return y, np.concatenate([id_s, ood_s])
 
 
-def _distinct_threshold_curve(y: np.ndarray, s: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+def _distinct_threshold_curve(y: np.ndarray, s: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Cumulative (tp, fp) counts at each distinct score, thresholds in decreasing order.
 
-    Point ``k`` accepts every sample whose score is >= the k-th largest distinct score.
+    Point ``k`` accepts every sample whose score is >= the k-th largest distinct score, which is
+    returned as the third array.
     """
     order = np.argsort(-s, kind="stable")
     s_sorted, y_sorted = s[order], y[order]
@@ -111,7 +112,37 @@ def _distinct_threshold_curve(y: np.ndarray, s: np.ndarray) -> Tuple[np.ndarray,
     ends = np.r_[np.flatnonzero(np.diff(s_sorted) != 0), s_sorted.size - 1]
     tp = np.cumsum(y_sorted)[ends]
     fp = ends + 1 - tp
-    return tp, fp
+    return tp, fp, s_sorted[ends]
+
+
+def operating_point(id_scores: ArrayLike, ood_scores: ArrayLike, recall_level: float = 0.95,
+                    rule: str = "closest") -> Dict[str, float]:
+    """The operating point behind :func:`fpr_at_recall`: its FPR, score threshold and ID recall.
+
+    Args:
+        id_scores / ood_scores / recall_level / rule: as :func:`fpr_at_recall`.
+
+    Returns:
+        ``{"fpr", "threshold", "tpr"}``: samples scoring ``>= threshold`` are accepted as ID; ``tpr``
+        is the ID recall there (with ``rule="closest"`` possibly below ``recall_level``), ``fpr`` the
+        fraction of OOD samples accepted (the value :func:`fpr_at_recall` returns).
+    """
+    recall_level = _check_level(recall_level, "recall_level")
+    id_s, ood_s = _validate(id_scores, ood_scores)
+    y, s = _labels_and_scores(id_s, ood_s)
+    tp, fp, thresholds = _distinct_threshold_curve(y, s)
+    n_pos, n_neg = id_s.size, ood_s.size
+    recall = tp / float(n_pos)
+    if rule == "closest":
+        full = int(np.searchsorted(tp, n_pos, side="left"))  # first point with recall 1
+        walk = np.arange(full, -1, -1)  # from full recall towards higher thresholds
+        pick = walk[int(np.argmin(np.abs(recall[walk] - recall_level)))]
+    elif rule == "at_least":
+        # recall is non-decreasing along the curve: the first point reaching the level.
+        pick = int(np.argmax(recall >= recall_level))
+    else:
+        raise ValueError(f"unknown FPR rule {rule!r}; use 'closest' (papers) or 'at_least'")
+    return {"fpr": float(fp[pick] / n_neg), "threshold": float(thresholds[pick]), "tpr": float(recall[pick])}
 
 
 def fpr_at_recall(id_scores: ArrayLike, ood_scores: ArrayLike, recall_level: float = 0.95,
@@ -127,24 +158,9 @@ def fpr_at_recall(id_scores: ArrayLike, ood_scores: ArrayLike, recall_level: flo
             among thresholds with recall >= the level (first such threshold).
 
     Returns:
-        The FPR as a fraction in [0, 1].
+        The FPR as a fraction in [0, 1]. :func:`operating_point` also gives the threshold.
     """
-    recall_level = _check_level(recall_level, "recall_level")
-    id_s, ood_s = _validate(id_scores, ood_scores)
-    y, s = _labels_and_scores(id_s, ood_s)
-    tp, fp = _distinct_threshold_curve(y, s)
-    n_pos, n_neg = id_s.size, ood_s.size
-    recall = tp / float(n_pos)
-    if rule == "closest":
-        full = int(np.searchsorted(tp, n_pos, side="left"))  # first point with recall 1
-        walk = np.arange(full, -1, -1)  # from full recall towards higher thresholds
-        pick = walk[int(np.argmin(np.abs(recall[walk] - recall_level)))]
-    elif rule == "at_least":
-        # recall is non-decreasing along the curve: the first point reaching the level.
-        pick = int(np.argmax(recall >= recall_level))
-    else:
-        raise ValueError(f"unknown FPR rule {rule!r}; use 'closest' (papers) or 'at_least'")
-    return float(fp[pick] / n_neg)
+    return operating_point(id_scores, ood_scores, recall_level, rule)["fpr"]
 
 
 def _unit(x: float) -> float:

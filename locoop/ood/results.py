@@ -121,22 +121,55 @@ def format_table(results: Results, id_accuracy: Optional[float] = None) -> str:
     return "\n".join(lines)
 
 
+def _image_counts(num_images: Optional[Mapping[str, Any]], num_skipped: Optional[Mapping[str, Any]]) -> list:
+    """Rows ``(set, scored, skipped)``: the sets of either mapping, in their order (None = unknown)."""
+    names = list(num_images or {}) + [k for k in (num_skipped or {}) if k not in (num_images or {})]
+    rows = []
+    for name in names:
+        scored, skipped = (num_images or {}).get(name), (num_skipped or {}).get(name)
+        rows.append((str(name), None if scored is None else int(scored), None if skipped is None else int(skipped)))
+    return rows
+
+
 def format_markdown(results: Results, id_accuracy: Optional[float] = None,
-                    title: str = "OOD detection results") -> str:
-    """The ``ood_results.md`` text: a Markdown table per score, values in percent."""
+                    title: str = "OOD detection results", num_images: Optional[Mapping[str, Any]] = None,
+                    num_skipped: Optional[Mapping[str, Any]] = None) -> str:
+    """The ``ood_results.md`` text: a Markdown table per score, values in percent.
+
+    Args:
+        results: ``{score: {ood_set: metrics}}`` in fractions (an ``id_accuracy`` entry is accepted).
+        id_accuracy: optional ID accuracy (fraction).
+        title: the heading.
+        num_images: optional ``{set: images scored}`` (the ID set included), e.g. ``meta["num_images"]``.
+        num_skipped: optional ``{set: unreadable images skipped}``, e.g. ``meta["num_skipped"]``.
+            With either, an "Images" table closes the file, and any skipped image is announced
+            at the top: the metrics were computed without those images.
+    """
     results, id_accuracy = _resolve_accuracy(results, id_accuracy)
     pct = _percent(with_average(results))
+    counts = _image_counts(num_images, num_skipped)
     out = [f"# {title}", ""]
     if id_accuracy is not None:
         out.append(f"ID accuracy: {100 * id_accuracy:.2f}%")
         out.append("")
     out.append(f"Positive class: ID (in-distribution). Values in percent. FPR95 convention: {FPR_CONVENTION}.")
+    skipped = [(name, k) for name, _, k in counts if k]
+    if skipped:
+        total = sum(k for _, k in skipped)
+        out += ["", f"**{total} unreadable image{'s' if total != 1 else ''} skipped** ("
+                + ", ".join(f"{k} {name}" for name, k in skipped) + "): the numbers below leave "
+                f"{'them' if total != 1 else 'it'} out; the paths are in {JSON_NAME} (`meta.skipped_images`), "
+                "and `DATASET.STRICT True` makes an unreadable image an error."]
     for score, rows in pct.items():
         out += ["", f"## {score}", "",
                 "| OOD set | " + " | ".join(METRIC_TITLES[k] for k in REQUIRED_METRICS) + " |",
                 "|---|" + "---:|" * len(REQUIRED_METRICS)]
         for ood, m in rows.items():
             out.append(f"| {ood} | " + " | ".join(f"{m[k]:.2f}" for k in REQUIRED_METRICS) + " |")
+    if counts:
+        out += ["", "## Images", "", "| set | images scored | skipped (unreadable) |", "|---|---:|---:|"]
+        for name, scored, k in counts:
+            out.append(f"| {name} | {'?' if scored is None else scored} | {'?' if k is None else k} |")
     return "\n".join(out) + "\n"
 
 
@@ -217,7 +250,8 @@ def write_results(run_dir: Union[str, Path], results: Results, meta: Optional[Ma
     """
     results, id_accuracy = _resolve_accuracy(results, id_accuracy)
     doc = build_results_json(results, meta, id_accuracy)  # validates first
-    md = format_markdown(results, id_accuracy)
+    md = format_markdown(results, id_accuracy, num_images=(meta or {}).get("num_images"),
+                         num_skipped=(meta or {}).get("num_skipped"))
     text_csv = format_csv(results)
     text_json = json.dumps(doc, indent=2, default=_json_default, ensure_ascii=False) + "\n"
     run_dir = Path(run_dir)

@@ -6,22 +6,25 @@
 #       output/imagenet/LoCoOp/vit_b16_ep50_16shots/nctx16_cscFalse_ctpend/seed1 \
 #       /data/imagenet/images/train/n01440764/n01440764_10026.JPEG 0
 #
+# The run's own settings are read from MODEL_DIR (its config.yaml and checkpoints; see
+# `python -m locoop run-settings MODEL_DIR`): trainer, backbone, N_CTX, CSC, CTX_INIT, class-token
+# position, the top-K it was trained with, and the last epoch with a checkpoint.
 # Writes MODEL_DIR/visualization/<IMAGE_PATH relative to DATA>.png (the model's input with the
 # OOD regions shaded, at the input resolution) and ..._regions.png (with the local max-softmax map).
 #
-# Optional environment variables:
-#   PYTHON      interpreter (default: python)        TRAINER  LoCoOp (default), CoOp
-#   NCTX, CSC   as trained (default 16, False)       LOAD_EPOCH  checkpoint epoch (default: EPOCHS, else 50;
-#                                                                "latest" = the newest checkpoint)
-#   TOPK        -> --topk (default: the config's, 200)
-#   BACKBONE    -> MODEL.BACKBONE.NAME               EPOCHS   the run's OPTIM.MAX_EPOCH (sets the default LOAD_EPOCH)
+# Optional environment variables (each overrides what MODEL_DIR records):
+#   PYTHON      interpreter (default: the repository's .venv/bin/python, else python3)
+#   TRAINER     LoCoOp, CoOp                  BACKBONE  -> MODEL.BACKBONE.NAME
+#   NCTX, CSC, CTP, CTX_INIT   N_CTX, CSC, class-token position, CTX_INIT
+#   TOPK        K of the OOD rule (default: the run's TRAINER.LOCOOP.TOPK)
+#   LOAD_EPOCH  checkpoint epoch (default: the last; "latest": model-best, else the newest)
+#   EPOCHS      -> OPTIM.MAX_EPOCH (and the default LOAD_EPOCH)
 #   EXTRA_OPTS  more "KEY VALUE" config overrides appended as they are (word-split)
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/../_common.sh"
 
-if [ "$#" -ne 6 ]; then
-    echo "usage: $0 DATA DATASET CFG MODEL_DIR IMAGE_PATH LABEL" >&2
-    exit 2
-fi
+check_args 6 6 "$#" "usage: bash $0 DATA DATASET CFG MODEL_DIR IMAGE_PATH LABEL" \
+    "  e.g. bash $0 /data imagenet vit_b16_ep50 RUN_DIR /data/imagenet/images/train/n01440764/n01440764_10026.JPEG 0"
 
 DATA=$1
 DATASET=$2
@@ -30,32 +33,26 @@ MODEL_DIR=$4
 IMAGE_PATH=$5
 LABEL=$6
 
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-export PYTHONPATH="${REPO}${PYTHONPATH:+:${PYTHONPATH}}"
-PY=${PYTHON:-python}
-TRAINER=${TRAINER:-LoCoOp}
-NCTX=${NCTX:-16}
-CSC=${CSC:-False}
-LOAD_EPOCH=${LOAD_EPOCH:-${EPOCHS:-50}}
-
-FLAGS=()
-if [ "${LOAD_EPOCH}" != "latest" ]; then FLAGS+=(--load-epoch "${LOAD_EPOCH}"); fi
-if [ -n "${TOPK:-}" ]; then FLAGS+=(--topk "${TOPK}"); fi
-EXTRA=()
-if [ -n "${BACKBONE:-}" ]; then EXTRA+=(MODEL.BACKBONE.NAME "${BACKBONE}"); fi
-if [ -n "${EPOCHS:-}" ]; then EXTRA+=(OPTIM.MAX_EPOCH "${EPOCHS}"); fi
-# shellcheck disable=SC2206
-if [ -n "${EXTRA_OPTS:-}" ]; then EXTRA+=(${EXTRA_OPTS}); fi
+locoop_inputs "${DATA}" "${DATASET}" "${CFG}"
+need_file IMAGE_PATH "${IMAGE_PATH}"
+need_int LABEL "${LABEL}" 0
+LOAD_EPOCH=${LOAD_EPOCH:-${EPOCHS:-}}
+run_settings "${MODEL_DIR}"
+run_opts
+extra_opts
+TOPK=${TOPK:-${RUN_TOPK}}
+TOPK_FLAG=()
+if [ -n "${TOPK}" ]; then TOPK_FLAG=(--topk "${TOPK}"); fi
 
 "${PY}" -m locoop visualize \
     --root "${DATA}" \
     --trainer "${TRAINER}" \
-    --dataset-config-file "${REPO}/configs/datasets/${DATASET}.yaml" \
-    --config-file "${REPO}/configs/trainers/LoCoOp/${CFG}.yaml" \
+    --dataset-config-file "${DATASET_YAML}" \
+    --config-file "${CFG_YAML}" \
     --model-dir "${MODEL_DIR}" \
-    ${FLAGS[@]+"${FLAGS[@]}"} \
+    ${EPOCH_FLAG[@]+"${EPOCH_FLAG[@]}"} \
+    ${TOPK_FLAG[@]+"${TOPK_FLAG[@]}"} \
     --image_path "${IMAGE_PATH}" \
     --label "${LABEL}" \
-    TRAINER.LOCOOP.N_CTX "${NCTX}" \
-    TRAINER.LOCOOP.CSC "${CSC}" \
+    ${RUN_OPTS[@]+"${RUN_OPTS[@]}"} \
     ${EXTRA[@]+"${EXTRA[@]}"}

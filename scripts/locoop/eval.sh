@@ -8,54 +8,46 @@
 #   DATA  folder holding imagenet/, iNaturalist/, SUN/, Places/, Texture/   DATASET  configs/datasets/<DATASET>.yaml
 #   CFG   configs/trainers/LoCoOp/<CFG>.yaml    T  softmax temperature     MODEL_DIR  the training run's folder
 #
+# The run's own settings are read from MODEL_DIR (its config.yaml and checkpoints; see
+# `python -m locoop run-settings MODEL_DIR`): trainer, backbone, N_CTX, CSC, CTX_INIT, class-token
+# position, and the last epoch with a checkpoint.
 # Results go into MODEL_DIR: ood_results.md / .csv / .json, ood_scores.npz, plots/*.png.
 # Summarise seeds afterwards with: python -m locoop summarize MODEL_DIR/../seed*
 #
-# Optional environment variables:
-#   PYTHON      interpreter (default: python)        TRAINER  LoCoOp (default), CoOp
-#   NCTX, CSC   as trained (default 16, False)       LOAD_EPOCH  checkpoint epoch (default: EPOCHS, else 50;
-#                                                                "latest" = the newest checkpoint)
-#   BACKBONE    -> MODEL.BACKBONE.NAME               EPOCHS   the run's OPTIM.MAX_EPOCH (sets the default LOAD_EPOCH)
+# Optional environment variables (each overrides what MODEL_DIR records):
+#   PYTHON      interpreter (default: the repository's .venv/bin/python, else python3)
+#   TRAINER     LoCoOp, CoOp                  BACKBONE  -> MODEL.BACKBONE.NAME
+#   NCTX, CSC, CTP, CTX_INIT   N_CTX, CSC, class-token position, CTX_INIT
+#   LOAD_EPOCH  checkpoint epoch (default: the last; "latest": model-best, else the newest)
+#   EPOCHS      -> OPTIM.MAX_EPOCH (and the default LOAD_EPOCH)
 #   EXTRA_OPTS  more "KEY VALUE" config overrides appended as they are (word-split)
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/../_common.sh"
 
-if [ "$#" -ne 5 ]; then
-    echo "usage: $0 DATA DATASET CFG T MODEL_DIR" >&2
-    exit 2
-fi
+check_args 5 5 "$#" "usage: bash $0 DATA DATASET CFG T MODEL_DIR" \
+    "  e.g. bash $0 /data imagenet vit_b16_ep50 1 output/imagenet/LoCoOp/vit_b16_ep50_16shots/nctx16_cscFalse_ctpend/seed1"
 
 DATA=$1
 DATASET=$2
 CFG=$3
 T=$4
 MODEL_DIR=$5
-OUTPUT_DIR=$5
 
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-export PYTHONPATH="${REPO}${PYTHONPATH:+:${PYTHONPATH}}"
-PY=${PYTHON:-python}
-TRAINER=${TRAINER:-LoCoOp}
-NCTX=${NCTX:-16}
-CSC=${CSC:-False}
-LOAD_EPOCH=${LOAD_EPOCH:-${EPOCHS:-50}}
-
-EPOCH_FLAG=()
-if [ "${LOAD_EPOCH}" != "latest" ]; then EPOCH_FLAG=(--load-epoch "${LOAD_EPOCH}"); fi
-EXTRA=()
-if [ -n "${BACKBONE:-}" ]; then EXTRA+=(MODEL.BACKBONE.NAME "${BACKBONE}"); fi
-if [ -n "${EPOCHS:-}" ]; then EXTRA+=(OPTIM.MAX_EPOCH "${EPOCHS}"); fi
-# shellcheck disable=SC2206
-if [ -n "${EXTRA_OPTS:-}" ]; then EXTRA+=(${EXTRA_OPTS}); fi
+locoop_inputs "${DATA}" "${DATASET}" "${CFG}"
+need_number T "${T}"
+LOAD_EPOCH=${LOAD_EPOCH:-${EPOCHS:-}}
+run_settings "${MODEL_DIR}"
+run_opts
+extra_opts
 
 "${PY}" -m locoop eval \
     --root "${DATA}" \
     --trainer "${TRAINER}" \
-    --dataset-config-file "${REPO}/configs/datasets/${DATASET}.yaml" \
-    --config-file "${REPO}/configs/trainers/LoCoOp/${CFG}.yaml" \
-    --output-dir "${OUTPUT_DIR}" \
+    --dataset-config-file "${DATASET_YAML}" \
+    --config-file "${CFG_YAML}" \
+    --output-dir "${MODEL_DIR}" \
     --model-dir "${MODEL_DIR}" \
     ${EPOCH_FLAG[@]+"${EPOCH_FLAG[@]}"} \
     --T "${T}" \
-    TRAINER.LOCOOP.N_CTX "${NCTX}" \
-    TRAINER.LOCOOP.CSC "${CSC}" \
+    ${RUN_OPTS[@]+"${RUN_OPTS[@]}"} \
     ${EXTRA[@]+"${EXTRA[@]}"}

@@ -14,18 +14,16 @@
 # one resumes from its latest checkpoint.
 #
 # Optional environment variables:
-#   PYTHON       interpreter (default: python)           SEEDS        seeds to run (default: "1 2 3")
+#   PYTHON       interpreter (default: .venv/bin/python)  SEEDS        seeds to run (default: "1 2 3")
 #   TRAINER      LoCoOp (default) or CoOp                OUTPUT_ROOT  instead of ./output
 #   BACKBONE     CLIP name or checkpoint path -> MODEL.BACKBONE.NAME (default: the CFG's, ViT-B/16)
 #   EPOCHS       -> OPTIM.MAX_EPOCH (default: the CFG's)
 #   EXTRA_OPTS   more "KEY VALUE" config overrides appended as they are (word-split)
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/../_common.sh"
 
-if [ "$#" -ne 9 ]; then
-    echo "usage: $0 DATA DATASET CFG CTP NCTX SHOTS CSC LAMBDA TOPK" >&2
-    echo "  e.g. $0 /data imagenet vit_b16_ep50 end 16 16 False 0.25 200" >&2
-    exit 2
-fi
+check_args 9 9 "$#" "usage: bash $0 DATA DATASET CFG CTP NCTX SHOTS CSC LAMBDA TOPK" \
+    "  e.g. bash $0 /data imagenet vit_b16_ep50 end 16 16 False 0.25 200"
 
 DATA=$1
 DATASET=$2
@@ -37,17 +35,18 @@ CSC=$7
 LAMBDA=$8
 TOPK=$9
 
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-export PYTHONPATH="${REPO}${PYTHONPATH:+:${PYTHONPATH}}"
-PY=${PYTHON:-python}
+locoop_inputs "${DATA}" "${DATASET}" "${CFG}"
+case "${CTP}" in end|middle|front) ;; *) die "CTP must be end, middle or front, got '${CTP}'" ;; esac
+need_int NCTX "${NCTX}" 1
+need_int SHOTS "${SHOTS}"
+case "${CSC}" in True|False) ;; *) die "CSC must be True or False, got '${CSC}'" ;; esac
+need_number LAMBDA "${LAMBDA}"
+need_int TOPK "${TOPK}" 1
 TRAINER=${TRAINER:-LoCoOp}
 OUTPUT_ROOT=${OUTPUT_ROOT:-output}
 
-EXTRA=()
-if [ -n "${BACKBONE:-}" ]; then EXTRA+=(MODEL.BACKBONE.NAME "${BACKBONE}"); fi
-if [ -n "${EPOCHS:-}" ]; then EXTRA+=(OPTIM.MAX_EPOCH "${EPOCHS}"); fi
-# shellcheck disable=SC2206  # word-splitting EXTRA_OPTS is the point
-if [ -n "${EXTRA_OPTS:-}" ]; then EXTRA+=(${EXTRA_OPTS}); fi
+extra_opts
+if [ -n "${BACKBONE:-}" ]; then EXTRA=(MODEL.BACKBONE.NAME "${BACKBONE}" ${EXTRA[@]+"${EXTRA[@]}"}); fi
 
 for SEED in ${SEEDS:-1 2 3}; do
     DIR=${OUTPUT_ROOT}/${DATASET}/${TRAINER}/${CFG}_${SHOTS}shots/nctx${NCTX}_csc${CSC}_ctp${CTP}/seed${SEED}
@@ -56,8 +55,8 @@ for SEED in ${SEEDS:-1 2 3}; do
         --root "${DATA}" \
         --seed "${SEED}" \
         --trainer "${TRAINER}" \
-        --dataset-config-file "${REPO}/configs/datasets/${DATASET}.yaml" \
-        --config-file "${REPO}/configs/trainers/LoCoOp/${CFG}.yaml" \
+        --dataset-config-file "${DATASET_YAML}" \
+        --config-file "${CFG_YAML}" \
         --output-dir "${DIR}" \
         --lambda_value "${LAMBDA}" \
         --topk "${TOPK}" \

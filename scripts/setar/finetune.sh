@@ -20,16 +20,14 @@
 #   KEY VALUE trailing config overrides (e.g. DATASET.VAL_SPLIT_FILE FILE, OPTIM.MAX_EPOCH 5)
 #
 # Optional environment variables:
-#   PYTHON    interpreter (default: python)         SEED      -> --seed (default: the config's, SeTAR's 5)
+#   PYTHON    interpreter (default: .venv/bin/python)  SEED  -> --seed (default: the config's, SeTAR's 5)
 #   BACKBONE  -> MODEL.BACKBONE.NAME                DEVICE    cpu, cuda, cuda:1 (default automatic)
 #   NO_TEST   1: stop after training (no benchmark)
 #   MODEL_DIR a finished run folder: test it without training (results in OUTPUT; SETTINGS optional)
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/../_common.sh"
 
-if [ "$#" -lt 3 ]; then
-    echo "usage: $0 DATA CONFIG OUTPUT [SETTINGS] [KEY VALUE ...]" >&2
-    exit 2
-fi
+check_args 3 "" "$#" "usage: bash $0 DATA CONFIG OUTPUT [SETTINGS] [KEY VALUE ...]"
 
 DATA=$1
 CONFIG=$2
@@ -42,11 +40,7 @@ if [ "$#" -ge 1 ] && { [ -f "$1" ] || [ $(( $# % 2 )) -eq 1 ]; }; then
     shift
 fi
 
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-export PYTHONPATH="${REPO}${PYTHONPATH:+:${PYTHONPATH}}"
-PY=${PYTHON:-python}
-
-if [ ! -f "${CONFIG}" ] && [ -f "${REPO}/${CONFIG}" ]; then CONFIG="${REPO}/${CONFIG}"; fi
+CONFIG=$(config_file "${CONFIG}")
 
 FLAGS=()
 if [ -n "${SETTINGS}" ]; then FLAGS+=(--settings "${SETTINGS}"); fi
