@@ -77,7 +77,7 @@ def test_benchmark_files_scores_and_metrics(tmp_path, data_root, model_and_text)
     for name in ("ood_results.md", "ood_results.csv", "ood_results.json", "ood_scores.npz"):
         assert (out / name).is_file(), name
     assert sorted(p.name for p in (out / "plots").iterdir()) == sorted(
-        f"hist_{s}_{o}.png" for s in ("MCM", "GL-MCM", "energy") for o in OOD_SETS)
+        [f"hist_{s}_{o}.png" for s in ("MCM", "GL-MCM", "energy") for o in OOD_SETS] + ["overview.png"])
 
     # Scores against the definitions computed image by image (T = 2 on the cosine).
     from locoop.data import list_images

@@ -301,13 +301,22 @@ def write_scores_npz(out: Path, results: Mapping[str, SetResult]) -> Path:
     return atomic_write(out / SCORES_NPZ, lambda f: np.savez_compressed(f, **npz))
 
 
-def write_plots(out: Path, results: Mapping[str, SetResult], scores: Sequence[str]) -> list:
-    """ID-vs-OOD histograms per score and OOD set under ``out/plots``; returns the PNG paths."""
-    from locoop.viz.plots import plot_all_histograms
+def write_plots(out: Path, results: Mapping[str, SetResult], scores: Sequence[str],
+                metrics: Optional[Mapping[str, Mapping[str, Mapping[str, float]]]] = None) -> list:
+    """ID-vs-OOD histograms per score and OOD set under ``out/plots`` (each with its AUROC / FPR95 and
+    the FPR95 threshold), and the one-page ``plots/overview.png``; returns the PNG paths.
 
-    id_scores = results["ID"].scores
+    Args:
+        metrics: ``{score: {set: ood_metrics(...)}}`` already computed (shown, not recomputed).
+    """
+    from locoop.viz.plots import OVERVIEW_NAME, plot_all_histograms, plot_overview
+
+    id_scores = {s: results["ID"].scores[s] for s in scores}
     by_score = {s: {o: r.scores[s] for o, r in results.items() if o != "ID"} for s in scores}
-    return [p for paths in plot_all_histograms(id_scores, by_score, out / PLOTS_DIR).values() for p in paths]
+    paths = [p for ps in plot_all_histograms(id_scores, by_score, out / PLOTS_DIR, metrics=metrics).values()
+             for p in ps]
+    paths.append(plot_overview(id_scores, by_score, out / PLOTS_DIR / OVERVIEW_NAME, metrics=metrics))
+    return paths
 
 
 # ------------------------------------------------------------------------------------ the benchmark
@@ -398,7 +407,7 @@ def run_ood_benchmark(cfg: Any, clip_model: torch.nn.Module, text_features: torc
         files = write_results(run_dir, metrics, meta=full_meta, id_accuracy=id_accuracy)
         out["files"] = dict(files, npz=write_scores_npz(run_dir, results))
         if bool(cfg.OOD.PLOT):
-            out["plots"] = write_plots(run_dir, results, checked["scores"])
+            out["plots"] = write_plots(run_dir, results, checked["scores"], metrics)
         if verbose:
             print(format_table(metrics, id_accuracy))
             print(f"\nResults: {files['md']}, {files['csv']}, {files['json']}"
