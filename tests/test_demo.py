@@ -89,7 +89,9 @@ def test_setar_scripts_run_on_the_demo_data_as_printed(tmp_path):
     p = subprocess.run(shlex.split(search), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     out = tmp_path / "setar" / "SeTAR"
-    settings = json.loads((out / "best_settings.json").read_text())
+    doc = json.loads((out / "best_settings.json").read_text())
+    assert doc["complete"] is True  # the completion marker of a finished search
+    settings = doc["settings"]
     assert [s[:3] for s in settings] == [["visual", "W_up", 1], ["visual", "W_up", 0], ["text", "W_up", 1],
                                          ["text", "W_up", 0]]
     rows = (out / "search_log.csv").read_text().strip().splitlines()
