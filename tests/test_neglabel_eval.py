@@ -251,8 +251,8 @@ def test_locoop_prompts_are_the_id_labels_of_neglabel(data, tmp_path, capsys):
     labels, _, groups = _read_bank(out / "text_bank_NegLabel.tsv")
     assert labels == _twin_selection(model, WORDS, text, ["the nice {}"], 0.5)
     got = np.load(out / "ood_scores.npz")["ID/NegLabel"]
-    np.testing.assert_allclose(got, _neglabel_by_hand(img["ID"], text, _encode(model, [f"the nice {w}" for w in labels]),
-                                                      groups), rtol=2e-5, atol=1e-7)
+    negs = _encode(model, [f"the nice {w}" for w in labels])
+    np.testing.assert_allclose(got, _neglabel_by_hand(img["ID"], text, negs, groups), rtol=2e-5, atol=1e-7)
     # OOD.NEGLABEL.ID_TEXT recipe: NegLabel's own "the nice {}" labels, whatever the trainer
     rc, _, err = cli(["eval", "--trainer", "LoCoOp", "--model-dir", run] + common(
         data, tmp_path / "recipe", "TRAINER.LOCOOP.N_CTX", "4", "OOD.SCORES", "['NegLabel']", *neg_opts(data),
@@ -318,3 +318,25 @@ def test_too_few_negatives_for_the_groups_fail_before_the_images(data, tmp_path,
     rc, _, err = cli(["eval", "--trainer", "ZeroshotCLIP"] + common(
         data, tmp_path / "x", "OOD.SCORES", "['NegLabel']", "OOD.NEGLABEL.LEXICON", data["words"]), capsys)
     assert rc == 2 and "cannot form 100 groups" in err and "OOD.NEGLABEL.NGROUP" in err
+
+
+def test_id_text_auto_follows_how_the_trainer_gets_its_prompts():
+    from locoop.config import get_cfg_default
+    from locoop.ood.neglabel import resolve_id_text
+
+    cfg = get_cfg_default()
+    for trainer, want in (("LoCoOp", "trainer"), ("CoOp", "trainer"), ("ZeroshotCLIP", "recipe"),
+                          ("SeTARZeroshotCLIP", "recipe"), ("SeTARFT", "recipe"), ("LoRA", "recipe"), ("", "recipe")):
+        cfg.TRAINER.NAME = trainer
+        assert resolve_id_text(cfg) == want, trainer
+    cfg.OOD.NEGLABEL.ID_TEXT = "trainer"
+    cfg.TRAINER.NAME = "ZeroshotCLIP"
+    assert resolve_id_text(cfg) == "trainer"
+
+
+def test_a_model_without_text_tower_cannot_build_a_bank():
+    from locoop.ood.textbank import build_text_banks
+
+    with pytest.raises(ValueError, match="need a CLIP text tower"):
+        build_text_banks({"NegLabel": object()}, torch.nn.Linear(2, 2), torch.zeros(3, 2), ["a", "b", "c"], "cpu",
+                         None)

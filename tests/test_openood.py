@@ -285,7 +285,8 @@ def test_eval_on_generated_lists_end_to_end(tmp_path, tiny_vit_path, capsys):
                                  image_size=(40, 40))
     (tmp_path / "words.txt").write_text("tractor\nviolin\ncloud\nriver\nhammer\nkettle\nlamp\nrocket\n")
     out = tmp_path / "run"
-    common = ["--root", tmp_path / "data", "--dataset-config-file", REPO / "configs/benchmarks/openood_v1.5_imagenet.yaml",
+    common = ["--root", tmp_path / "data",
+              "--dataset-config-file", REPO / "configs/benchmarks/openood_v1.5_imagenet.yaml",
               "--config-file", REPO / "configs/trainers/LoCoOp/vit_b16_ep50.yaml"]
     opts = ["MODEL.BACKBONE.NAME", tiny_vit_path, "INPUT.SIZE", "(32,32)", "DATALOADER.NUM_WORKERS", "0",
             "TRAINER.LOCOOP.PREC", "fp32", "OOD.PLOT", "False", "VERBOSE", "False", "OOD.CACHE_DIR", tmp_path / "cache"]

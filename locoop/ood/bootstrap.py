@@ -472,7 +472,8 @@ def format_intervals_table(block: Mapping[str, Any], key: Optional[str] = None, 
     for score, per_score in block["scores"].items():
         rows = list(_interval_rows(per_score, key))
         width = max(len(o) for o, _ in rows) + 2
-        lines += ["", f"[{score}]", f"{'OOD set':<{width}}" + "".join(f"{METRIC_TITLES.get(m, m):>24}" for m in metrics)]
+        head = f"{'OOD set':<{width}}" + "".join(f"{METRIC_TITLES.get(m, m):>24}" for m in metrics)
+        lines += ["", f"[{score}]", head]
         for o, row in rows:
             lines.append(f"{o:<{width}}" + "".join(f"{format_interval(row.get(m)):>24}" for m in metrics))
     return "\n".join(lines)

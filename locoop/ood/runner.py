@@ -441,7 +441,8 @@ def run_ood_benchmark(cfg: Any, clip_model: torch.nn.Module, text_features: torc
     Args:
         cfg: config (``DATASET.*``, ``DATALOADER.TEST.BATCH_SIZE``, ``DATALOADER.NUM_WORKERS``,
             ``INPUT.*`` for the test transform, ``OOD.DATASETS``, ``OOD.SCORES``, ``OOD.T``,
-            ``OOD.FPR_CONVENTION``, ``OOD.PLOT``, ``OOD.CACHE_*``).
+            ``OOD.FPR_CONVENTION``, ``OOD.PLOT``, ``OOD.CACHE_*``, ``OOD.BENCHMARK``,
+            ``OOD.BOOTSTRAP*``, ``OOD.NEGLABEL.*``).
         clip_model: CLIP model with ``encode_image(images, return_local=True)`` in eval mode.
         text_features: ``[C, D]`` class text features (normalised or not; normalised here).
         output_dir: where ``ood_results.{md,csv,json}``, ``ood_scores.npz`` and ``plots/`` go.
@@ -460,11 +461,13 @@ def run_ood_benchmark(cfg: Any, clip_model: torch.nn.Module, text_features: torc
         ``{"metrics": {score: {set: {fpr95, auroc, aupr, ...}}} (fractions), "id_accuracy":
         fraction, "files": {md, csv, json, npz}, "plots": [paths], "id_scores": {score: [N]},
         "ood_scores": {set: {score: [M]}}, "num_images": {set: n}, "num_skipped": {set: n},
-        "seconds": float}``.
+        "groups": {"near": [...], "far": [...]} or None, "bootstrap": intervals or None,
+        "text_banks": {score: TextBank}, "seconds": float}`` (``files`` also has ``text_banks``, the
+        ``text_bank_<score>.tsv`` paths, when a score has a bank).
 
     Raises:
-        ValueError / FileNotFoundError: bad settings or missing folders (before any image is
-        encoded); a text-feature count that differs from the dataset's classes.
+        ValueError / FileNotFoundError: bad settings, missing folders, lists or lexicon (before any
+        image is encoded); a text-feature count that differs from the dataset's classes.
     """
     from locoop.data import build_dataset, build_transform
     from locoop.ood.metrics import ood_metrics

@@ -208,8 +208,9 @@ def _negative_label_score(name: str) -> Callable[[_ChunkStats], torch.Tensor]:
         return s.banks[name].score(s.global_cos, s.bank_cos[name])
 
     fn.__name__ = f"_score_{name.lower()}"
-    fn.__doc__ = (f"{name}: mean over groups G_g of the negative labels of sum_k e^(id_k / tau) / (sum_k e^(id_k / tau)"
-                  " + sum_(j in G_g) e^(neg_j / tau)), tau = OOD.NEGLABEL.T (0.01), on cosines; see locoop.ood.neglabel")
+    fn.__doc__ = (f"{name}: mean over groups G_g of the negative labels of sum_k e^(id_k / tau) / "
+                  "(sum_k e^(id_k / tau) + sum_(j in G_g) e^(neg_j / tau)), tau = OOD.NEGLABEL.T (0.01), on cosines; "
+                  "see locoop.ood.neglabel")
     return fn
 
 
