@@ -1,6 +1,9 @@
 """Bootstrap intervals: the vectorised replicates equal a plain loop over the project's metric functions."""
+import json
+
 import numpy as np
 import pytest
+import torch
 
 from locoop.ood.bootstrap import (METRICS, bootstrap_metrics, bootstrap_run_dirs, bootstrap_runs, bootstrap_seeds,
                                   load_scores_npz, metrics_from_counts, to_percent)
@@ -155,3 +158,141 @@ def test_bad_arguments():
         bootstrap_metrics(np.r_[id_s, np.nan], sets, n_resamples=5)
     with pytest.raises(ValueError, match="at least 2"):
         bootstrap_metrics(id_s[:1], sets, n_resamples=5)
+
+
+# ------------------------------------------------------------------------------------ summarize and eval
+SETS = ("iNaturalist", "SUN", "Places", "Texture")
+
+
+def _write_run(folder, seed, scores=("MCM", "GL-MCM"), npz=True):
+    """A run folder as the OOD evaluation writes it: ood_results.json from the per-image scores in ood_scores.npz."""
+    from locoop.ood.results import write_results
+
+    rng = np.random.default_rng(seed)
+    id_s = {s: rng.normal(1.0 + 0.1 * k, 1.0, 40) for k, s in enumerate(scores)}
+    ood = {o: {s: rng.normal(0.2 * j, 1.0, 15 + j) for s in scores} for j, o in enumerate(SETS)}
+    results = {s: {o: ood_metrics(id_s[s], ood[o][s]) for o in SETS} for s in scores}
+    write_results(folder, results, meta={"env": {}}, id_accuracy=0.5)
+    if npz:
+        arrays = {"id_labels": np.zeros(40, dtype=np.int64), "id_predictions": np.zeros(40, dtype=np.int64)}
+        arrays.update({f"ID/{s}": v for s, v in id_s.items()})
+        arrays.update({f"{o}/{s}": v for o, per in ood.items() for s, v in per.items()})
+        np.savez_compressed(folder / "ood_scores.npz", **arrays)
+    return id_s, ood
+
+
+def _loop_interval(id_s, ood, n, seed, metric, conf=0.95):
+    """One run's Average interval, spelled out: default_rng([seed, 0]), per replicate ID then each set."""
+    rng = np.random.default_rng([seed, 0])
+    vals = []
+    for _ in range(n):
+        ii = rng.integers(0, id_s.size, id_s.size)
+        per_set = []
+        for o in SETS:
+            oo = rng.integers(0, ood[o].size, ood[o].size)
+            per_set.append(ood_metrics(id_s[ii], ood[o][oo])[metric])
+        vals.append(np.mean(per_set))
+    return np.percentile(100 * np.array(vals), [100 * (1 - conf) / 2, 100 * (1 + conf) / 2])
+
+
+def _cli(args, capsys):
+    from locoop.cli import main as cli_main
+
+    rc = cli_main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_summarize_prints_and_records_intervals(tmp_path, capsys):
+    runs = {s: _write_run(tmp_path / "runs" / f"seed{s}", s) for s in (1, 2, 3)}
+    rc, out, err = _cli(["summarize"] + [tmp_path / "runs" / f"seed{s}" for s in runs]
+                        + ["--bootstrap", "60", "--bootstrap-seed", "4", "--confidence", "0.9"], capsys)
+    assert rc == 0, err
+    summary = json.loads((tmp_path / "runs/summary.json").read_text())
+    boot = summary["bootstrap"]
+    assert (boot["n_resamples"], boot["seed"], boot["confidence"], boot["n_runs"]) == (60, 4, 0.9, 3)
+    assert boot["metrics"] == ["fpr95", "auroc", "aupr"] and "default_rng([seed, r])" in boot["rng"]
+    assert set(boot["scores"]) == {"MCM", "GL-MCM"} and set(boot["scores"]["MCM"]) == set(SETS) | {"Average"}
+    # run 1's interval of its Average AUROC equals the definition written out
+    per_run = boot["per_run"][0]["scores"]["MCM"]["Average"]["auroc"]
+    id_s, ood = runs[1]
+    lo, hi = _loop_interval(id_s["MCM"], {o: ood[o]["MCM"] for o in SETS}, 60, 4, "auroc", conf=0.9)
+    assert per_run["low"] == pytest.approx(lo, abs=1e-9) and per_run["high"] == pytest.approx(hi, abs=1e-9)
+    # the estimates are the summary's means; the seed interval resamples the three runs' estimates
+    cell = boot["scores"]["MCM"]["SUN"]["fpr95"]
+    mean = summary["scores"]["MCM"]["SUN"]["fpr95"]
+    assert cell["images"]["estimate"] == pytest.approx(mean["mean"]) == pytest.approx(cell["seeds"]["estimate"])
+    assert cell["seeds"] == pytest.approx(bootstrap_seeds(mean["values"], 60, 4, 0.9))
+    assert min(mean["values"]) <= cell["seeds"]["low"] <= cell["seeds"]["high"] <= max(mean["values"])
+    md = (tmp_path / "runs/summary.md").read_text()
+    assert "## Bootstrap confidence intervals over images" in md
+    assert "## Bootstrap confidence intervals over seeds" in md
+    assert "90 % percentile intervals, 60 resamples, bootstrap seed 4" in md
+    a = boot["scores"]["GL-MCM"]["Average"]["auroc"]["images"]
+    assert f"{a['estimate']:.2f} [{a['low']:.2f}, {a['high']:.2f}]" in md and "over seeds (3 runs resampled)" in out
+    assert "Bootstrap 90 % intervals (60 resamples, bootstrap seed 4)" in out
+
+    # --paper keeps working next to the intervals
+    rc, out, err = _cli(["summarize", tmp_path / "runs" / "seed1", "--bootstrap", "20", "--paper", "setar-mcm-imagenet",
+                         "--output", tmp_path / "one"], capsys)
+    assert rc == 0, err
+    one = json.loads((tmp_path / "one/summary.json").read_text())
+    assert one["paper_comparison"]["row"]["id"] == "setar-mcm-imagenet" and one["bootstrap"]["n_runs"] == 1
+    assert one["bootstrap"]["scores"]["MCM"]["SUN"]["fpr95"]["seeds"] is None and "Paper row" in out
+    assert "over seeds" not in out
+
+    rc, out, err = _cli(["summarize", tmp_path / "runs" / "seed1", "--bootstrap", "0", "--output", tmp_path / "off"],
+                        capsys)
+    assert rc == 0 and "bootstrap" not in json.loads((tmp_path / "off/summary.json").read_text())
+
+
+def test_summarize_without_or_with_foreign_per_image_scores(tmp_path, capsys):
+    _write_run(tmp_path / "a", 1)
+    _write_run(tmp_path / "b", 2, npz=False)
+    rc, out, err = _cli(["summarize", tmp_path / "a", tmp_path / "b", "--bootstrap", "10", "--output", tmp_path],
+                        capsys)
+    assert rc == 0, err
+    assert "Bootstrap intervals not computed: no per-image scores (ood_scores.npz) in" in out
+    assert str(tmp_path / "b") in out
+    assert "skipped" in json.loads((tmp_path / "summary.json").read_text())["bootstrap"]
+    # per-image scores of another evaluation than the results file: refused
+    _write_run(tmp_path / "c", 3)
+    (tmp_path / "c" / "ood_scores.npz").write_bytes((tmp_path / "a" / "ood_scores.npz").read_bytes())
+    rc, _, err = _cli(["summarize", tmp_path / "c", "--bootstrap", "10", "--output", tmp_path], capsys)
+    assert rc == 2 and "does not match" in err and "same evaluation" in err
+    rc, _, err = _cli(["summarize", tmp_path / "a", "--bootstrap", "1"], capsys)
+    assert rc == 2 and "replicates >= 2" in err
+
+
+def test_eval_writes_per_run_intervals_when_asked(tmp_path, tiny_vit_path):
+    import clip
+    from locoop.config import get_cfg_default, merge_cfg
+    from locoop.data.synthetic import make_imagenet_like, make_ood_sets
+    from locoop.ood.runner import run_ood_benchmark
+
+    make_imagenet_like(str(tmp_path / "data"), num_classes=3, train_per_class=0, val_per_class=4, image_size=(40, 40))
+    make_ood_sets(str(tmp_path / "data"), names=["SUN", "Texture"], per_set=5, image_size=(40, 40), seed=1)
+    cfg = get_cfg_default()
+    merge_cfg(cfg, "configs/datasets/imagenet.yaml", "configs/trainers/LoCoOp/vit_b16_ep50.yaml",
+              {"DATASET.ROOT": str(tmp_path / "data")},
+              ["INPUT.SIZE", "(32, 32)", "DATALOADER.NUM_WORKERS", "0", "OOD.DATASETS", "['SUN', 'Texture']",
+               "OOD.SCORES", "['MCM', 'energy']", "OOD.PLOT", "False", "VERBOSE", "False", "OOD.USE_CACHE", "False",
+               "OOD.BOOTSTRAP", "30", "OOD.BOOTSTRAP_SEED", "7", "OOD.FPR_CONVENTION", "openood"])
+    model = clip.load(tiny_vit_path, device="cpu")[0]
+    with torch.no_grad():
+        text = model.encode_text(clip.tokenize([f"a photo of a {i}." for i in range(3)]))
+    res = run_ood_benchmark(cfg, model, text, tmp_path / "run", verbose=False)
+    doc = json.loads((tmp_path / "run" / "ood_results.json").read_text())
+    boot = doc["bootstrap"]
+    assert (boot["n_resamples"], boot["seed"], boot["units"]) == (30, 7, "percent")
+    assert boot["metrics"] == ["fpr95", "auroc", "aupr", "fpr95_openood", "auroc_openood", "aupr_in", "aupr_out"]
+    npz = np.load(tmp_path / "run" / "ood_scores.npz")
+    for score in ("MCM", "energy"):
+        want = to_percent(bootstrap_metrics(npz[f"ID/{score}"], {o: npz[f"{o}/{score}"] for o in ("SUN", "Texture")},
+                                            30, 7, metrics=boot["metrics"])["sets"])
+        assert boot["scores"][score] == want
+        for o in ("SUN", "Texture", "Average"):
+            assert boot["scores"][score][o]["auroc"]["estimate"] == pytest.approx(doc["scores"][score][o]["auroc"])
+    assert res["bootstrap"] == boot
+    md = (tmp_path / "run" / "ood_results.md").read_text()
+    assert "## Bootstrap confidence intervals over images" in md and "AUPR-Out" in md

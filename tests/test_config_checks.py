@@ -32,6 +32,18 @@ BAD = [
     ("OOD.FPR_CONVENTION", "tpr", "choose one of ['mcm', 'openood']"),
     ("OOD.CACHE_LOCAL_DTYPE", "float61", "choose one of ['float16', 'float32']. Did you mean 'float16'?"),
     ("OOD.LAMBDA_LOCAL", float("nan"), "must be a finite number"),
+    ("OOD.BENCHMARK", "openood_v1.5_imagenett", "Did you mean 'openood_v1.5_imagenet'?"),
+    ("OOD.BOOTSTRAP", 1, "0 (off) or the number of bootstrap replicates, >= 2"),
+    ("OOD.BOOTSTRAP_SEED", -1, "must be >= 0"),
+    ("OOD.NEGLABEL.LEXICON_FORMAT", "wordnett", "choose one of ['auto', 'wordnet', 'neglabel', 'words']"),
+    ("OOD.NEGLABEL.RATIO", 0.0, "must be in (0, 1]"),
+    ("OOD.NEGLABEL.PERCENTILE", 1.5, "must be in [0, 1]"),
+    ("OOD.NEGLABEL.NGROUP", -1, "must be >= 0 (<= 1: no grouping)"),
+    ("OOD.NEGLABEL.GROUP_SEED", -3, "must be >= 0"),
+    ("OOD.NEGLABEL.PERM_DEVICE", "gpu", "choose one of ['', 'cpu', 'cuda']"),
+    ("OOD.NEGLABEL.T", 0.0, "must be > 0"),
+    ("OOD.NEGLABEL.ID_TEXT", "learned", "choose one of ['auto', 'recipe', 'trainer']"),
+    ("OOD.NEGLABEL.TEXT_BATCH", 0, "must be >= 1"),
     ("TRAINER.ZSCLIP.PROMPT_TEMPLATE", "a photo of a", "must contain '{}' once"),
     ("SETAR.SEARCHER", "greedy", "valid searchers: visual_text, text_visual"),
     ("SETAR.WEIGHT_TYPES", ["W_p"], "SETAR.FREEZE_PROJ False"),
@@ -83,6 +95,12 @@ def test_cross_key_rules():
     cfg = get_cfg_default()
     cfg.TRAINER.LOCOOP.N_CTX = 0
     cfg.TRAINER.LOCOOP.CTX_INIT = "a photo of a"  # the context length comes from the words
+    validate_cfg(cfg)
+    cfg = get_cfg_default()
+    cfg.OOD.BENCHMARK = "openood_v1.5_imagenet"  # its ID set is the benchmark's list ...
+    with pytest.raises(ConfigError, match="set DATASET.NAME OpenOODImageNet"):
+        validate_cfg(cfg)
+    cfg.DATASET.NAME = "OpenOODImageNet"  # ... read by the OpenOOD dataset
     validate_cfg(cfg)
     cfg = get_cfg_default()
     cfg.SETAR.FT.TRAIN_SPLIT = "val"

@@ -21,6 +21,7 @@ from clip.configs import get_config, list_tiny_models
 from clip.tiny import create_tiny_model
 from locoop.data.synthetic import make_imagenet_like
 from locoop.engine.registry import build_trainer, get_trainer_class, list_trainers
+from locoop.ood.neglabel import NegativeLabelSpec, NegLabelParams
 from locoop.ood.scores import compute_scores, get_score, list_scores
 from locoop.setar.searchers import build_steps, get_searcher, list_searchers
 from tiny_setup import tiny_trainer_cfg
@@ -76,21 +77,51 @@ def _cosines(n=3, c=5, p=4, peak=0.0):
     return g, loc
 
 
+def _negative_label_bank(name, m=12, d=8):
+    """A NegLabel / CSP text side with m negative labels in 3 groups, scored against the class cosines."""
+    from locoop.ood.neglabel import NegativeLabelBank, NegativeLabelScorer, group_columns
+
+    spec = get_score(name).text_bank
+    params = NegLabelParams.for_recipe(spec.recipe, ngroup=3)
+    feats = F.normalize(torch.randn(m, d, generator=torch.Generator().manual_seed(1)), dim=-1)
+    bank = NegativeLabelBank(feats, [f"w{i}" for i in range(m)], ["noun"] * m, group_columns(m, 3), params, "k", {})
+    return NegativeLabelScorer(name, bank, "trainer")
+
+# How the contract builds the extra text of every kind of text bank (a new kind must add its own here).
+BANK_EXAMPLES = {NegativeLabelSpec: _negative_label_bank}
+
+
+def _bank_inputs(spec, n, peak=None):
+    """``(bank_sim, banks)`` for a text-bank score: cosines to the bank (0.2 everywhere when ``peak`` is given,
+    i.e. an image no closer to the negatives than to the classes; else random)."""
+    if spec.text_bank is None:
+        return {}, {}
+    assert type(spec.text_bank) in BANK_EXAMPLES, f"{spec.name}: add its text-bank kind to BANK_EXAMPLES"
+    bank = BANK_EXAMPLES[type(spec.text_bank)](spec.name)
+    m = bank.features.shape[0]
+    sim = torch.full((n, m), 0.2) if peak is not None else torch.rand(n, m, generator=torch.Generator().manual_seed(2))
+    return {spec.name: sim}, {spec.name: bank}
+
+
 @pytest.mark.parametrize("name", list_scores())
 def test_score_contract(name):
     spec = get_score(name)
     gen = torch.Generator().manual_seed(0)
     g = F.normalize(torch.randn(6, 5, generator=gen), dim=-1)
     loc = F.normalize(torch.randn(6, 4, 5, generator=gen), dim=-1)
-    out = compute_scores(g, loc if spec.needs_local else None, names=[name], T=1.0)[spec.name]
+    bank_sim, banks = _bank_inputs(spec, 6)
+    out = compute_scores(g, loc if spec.needs_local else None, names=[name], T=1.0, bank_sim=bank_sim,
+                         banks=banks)[spec.name]
     assert out.shape == (6,) and out.dtype == np.float32 and np.isfinite(out).all()
     # Higher = more in-distribution: one class standing out beats a flat distribution.
-    id_like = compute_scores(*_cosines(peak=0.5), names=[name])[spec.name]
-    flat = compute_scores(*_cosines(peak=0.0), names=[name])[spec.name]
+    id_like = compute_scores(*_cosines(peak=0.5), names=[name], **dict(zip(("bank_sim", "banks"),
+                                                                           _bank_inputs(spec, 3, 0.5))))[spec.name]
+    flat = compute_scores(*_cosines(peak=0.0), names=[name], **dict(zip(("bank_sim", "banks"),
+                                                                        _bank_inputs(spec, 3, 0.0))))[spec.name]
     assert (id_like > flat).all(), f"{name}: an ID-like image must score higher than a flat one"
     # Rows are independent: chunking changes nothing.
-    whole = compute_scores(g, loc, names=[name])[spec.name]
-    chunked = compute_scores(g, loc, names=[name], chunk_elements=1)[spec.name]
+    whole = compute_scores(g, loc, names=[name], bank_sim=bank_sim, banks=banks)[spec.name]
+    chunked = compute_scores(g, loc, names=[name], chunk_elements=1, bank_sim=bank_sim, banks=banks)[spec.name]
     np.testing.assert_array_equal(whole, chunked)
 
 

@@ -89,11 +89,16 @@ def test_chunking_and_input_types_do_not_change_scores():
     np.testing.assert_allclose(half["MCM"], compute_scores(g, names="MCM")["MCM"], rtol=2e-3)
 
 
-def test_default_names_depend_on_local_features():
-    assert set(compute_scores(G)) == set(list_scores(local=False))
-    assert set(compute_scores(G, LOC)) == set(list_scores())
+def test_default_names_depend_on_local_features_and_text_banks():
+    # without their extra text features (a negative-label bank), NegLabel and CSP are not computable
+    assert set(compute_scores(G)) == set(list_scores(local=False, text_bank=False))
+    assert set(compute_scores(G, LOC)) == set(list_scores(text_bank=False))
     assert {"MCM", "L-MCM", "GL-MCM", "energy", "max-logit", "entropy", "variance"} <= set(list_scores())
     assert list_scores(local=True) == ["L-MCM", "GL-MCM"]
+    assert list_scores(text_bank=True) == ["NegLabel", "CSP"]
+    assert set(list_scores()) == set(list_scores(text_bank=False)) | {"NegLabel", "CSP"}
+    with pytest.raises(ValueError, match="'NegLabel' needs its negative labels"):
+        compute_scores(G, names=["MCM", "neglabel"])
 
 
 def test_get_score_accepts_spellings_and_rejects_unknown_names():

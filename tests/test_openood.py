@@ -1,5 +1,6 @@
 """OpenOOD v1.5 image lists: parsing, the ImageNet benchmark, the dataset, the layout check, the
 generated test data, near / far grouping of results, and the benchmark config file."""
+import json
 import os
 from pathlib import Path
 
@@ -196,12 +197,15 @@ def test_benchmark_config_file_names_the_benchmark():
     bench = get_openood_benchmark(doc["OOD"]["BENCHMARK"])
     assert bench.resolve(doc["OOD"]["DATASETS"]) == bench.ood_names == doc["OOD"]["DATASETS"]
     assert doc["OOD"]["FPR_CONVENTION"] == bench.fpr_convention
-    # every other key of the file is one the config system already knows
+    # every key of the file is one the config system knows, and its values pass the checks
     cfg = get_cfg_default()
     for section, keys in doc.items():
         for k in keys:
-            if (section, k) != ("OOD", "BENCHMARK"):
-                assert k in cfg[section], (section, k)
+            assert k in cfg[section], (section, k)
+    from locoop.config import merge_from_file
+    from locoop.config.checks import validate_cfg
+
+    validate_cfg(merge_from_file(cfg, str(REPO / "configs" / "benchmarks" / "openood_v1.5_imagenet.yaml")))
 
 
 def test_generated_scores_flow_into_metrics_and_groups(tmp_path):
@@ -260,3 +264,97 @@ def test_neglabel_on_generated_openood_lists(tmp_path, tiny_vit_path):
                             for n, v in scores.items() if n != "ID"}}
     md = format_grouped_markdown(results, OPENOOD_V15_IMAGENET.groups())
     assert "**Near-OOD**" in md and "**Far-OOD**" in md and "AUPR-Out" in md
+
+
+# ------------------------------------------------------------------------------------ end to end
+def _cli(args, capsys):
+    from locoop.cli import main as cli_main
+
+    rc = cli_main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_eval_on_generated_lists_end_to_end(tmp_path, tiny_vit_path, capsys):
+    """``python -m locoop eval`` with the shipped benchmark config on generated lists: the lists are read
+    (not folders), the OpenOOD metrics are the default, the tables are grouped near / far everywhere,
+    a NegLabel score runs on the same lists, and the feature cache keeps the lists' sets apart."""
+    from locoop.ood.metrics import ood_metrics
+
+    info = make_openood_imagenet(tmp_path / "data", num_classes=3, test_per_class=3, ood_per_set=3,
+                                 image_size=(40, 40))
+    (tmp_path / "words.txt").write_text("tractor\nviolin\ncloud\nriver\nhammer\nkettle\nlamp\nrocket\n")
+    out = tmp_path / "run"
+    common = ["--root", tmp_path / "data",
+              "--dataset-config-file", REPO / "configs/benchmarks/openood_v1.5_imagenet.yaml",
+              "--config-file", REPO / "configs/trainers/LoCoOp/vit_b16_ep50.yaml"]
+    opts = ["MODEL.BACKBONE.NAME", tiny_vit_path, "INPUT.SIZE", "(32,32)", "DATALOADER.NUM_WORKERS", "0",
+            "TRAINER.LOCOOP.PREC", "fp32", "OOD.PLOT", "False", "VERBOSE", "False", "OOD.CACHE_DIR", tmp_path / "cache"]
+    rc, stdout, err = _cli(["eval", "--trainer", "ZeroshotCLIP", "--output-dir", out] + common + opts + [
+        "OOD.SCORES", "['MCM', 'GL-MCM', 'NegLabel']", "OOD.NEGLABEL.LEXICON", tmp_path / "words.txt",
+        "OOD.NEGLABEL.NGROUP", "2", "OOD.NEGLABEL.RATIO", "0.5"], capsys)
+    assert rc == 0, err
+    doc = json.loads((out / "ood_results.json").read_text())
+    names = ["SSB-hard", "NINCO", "iNaturalist", "Textures", "OpenImage-O"]
+    assert list(doc["scores"]["MCM"]) == names + ["Average"]
+    meta = doc["meta"]
+    assert meta["benchmark"] == "openood_v1.5_imagenet" and meta["id_dataset"] == "OpenOODImageNet"
+    assert meta["num_images"] == {"ID": 9, **{n: 3 for n in names}}
+    assert meta["ood_groups"] == GROUPS and set(meta["ood_lists"]) == set(names)
+    assert meta["ood_lists"]["Textures"]["file"] == info["lists"]["Textures"]
+    assert meta["openood_metrics_included"] is True
+    assert set(doc["scores"]["MCM"]["NINCO"]) == {"fpr95", "auroc", "aupr", "fpr95_openood", "auroc_openood",
+                                                  "aupr_in", "aupr_out"}
+    # group rows: the mean of the group's sets, in the JSON, ood_results.md and the console
+    assert doc["groups"]["groups"] == GROUPS
+    for score in ("MCM", "GL-MCM", "NegLabel"):
+        for group, title in (("near", "Near-OOD"), ("far", "Far-OOD")):
+            for k in ("fpr95_openood", "auroc_openood", "aupr_in", "aupr_out"):
+                want = np.mean([doc["scores"][score][n][k] for n in GROUPS[group]])
+                assert doc["groups"]["scores"][score][title][k] == pytest.approx(want)
+    md = (out / "ood_results.md").read_text()
+    near = doc["groups"]["scores"]["NegLabel"]["Near-OOD"]
+    assert "## Near-OOD / far-OOD" in md and "FPR95 positive class: OOD" in md and "AUPR-Out" in md
+    assert (f"| **Near-OOD** | **{near['fpr95_openood']:.2f}** | **{near['auroc_openood']:.2f}** | "
+            f"**{near['aupr_in']:.2f}** | **{near['aupr_out']:.2f}** |") in md
+    assert "openood_v1.5_imagenet: near / far OOD" in stdout and "= Far-OOD" in stdout
+    # the numbers are the OpenOOD metrics of the recorded per-image scores
+    npz = np.load(out / "ood_scores.npz")
+    m = ood_metrics(npz["ID/MCM"], npz["Textures/MCM"], include_openood=True)
+    assert doc["scores"]["MCM"]["Textures"]["fpr95_openood"] == pytest.approx(100 * m["fpr95_openood"])
+    assert len(npz["Textures/NegLabel"]) == 3 and len(npz["ID/NegLabel"]) == 9
+
+    # extract then eval again: every list's features come from the cache, under the benchmark's names
+    rc, _, err = _cli(["extract"] + common + opts, capsys)
+    assert rc == 0, err
+    cached = sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / "cache").iterdir() if p.name != "neglabel")
+    assert cached == sorted(["ID-OpenOODImageNet"] + [f"openood_v1.5_imagenet-{n}" for n in names])
+    rc, stdout, err = _cli(["eval", "--trainer", "ZeroshotCLIP", "--output-dir", tmp_path / "again"] + common + opts
+                           + ["VERBOSE", "True", "OOD.SCORES", "['MCM', 'GL-MCM']"], capsys)
+    assert rc == 0, err
+    assert stdout.count("using cached features") == 6
+    again = json.loads((tmp_path / "again" / "ood_results.json").read_text())
+    assert again["scores"]["MCM"] == doc["scores"]["MCM"]
+
+    # a missing list stops the evaluation before any model is loaded, naming the list and the download
+    os.remove(info["lists"]["NINCO"])
+    rc, _, err = _cli(["eval", "--trainer", "ZeroshotCLIP", "--output-dir", tmp_path / "x"] + common + opts, capsys)
+    assert rc == 2 and "test_ninco.txt" in err and "download.py" in err
+    rc, _, err = _cli(["eval", "--trainer", "ZeroshotCLIP", "--output-dir", tmp_path / "x"] + common + opts
+                      + ["OOD.DATASETS", "['Places']"], capsys)
+    assert rc == 2 and "OOD.DATASETS: unknown OOD set(s) ['Places']" in err
+
+
+def test_check_data_knows_the_openood_layout(tmp_path, capsys):
+    info = make_openood_imagenet(tmp_path, num_classes=3, test_per_class=2, ood_per_set=2)
+    rc, out, _ = _cli(["check-data", "--root", tmp_path, "--dataset", "openood"], capsys)
+    assert rc == 0, out
+    assert "ImageNet (ID): 6 images" in out and "OpenImage-O (far-OOD): 2 images" in out and "RESULT: OK" in out
+    assert "train_imagenet.txt not found (only needed for training)" in out
+    rc, out, _ = _cli(["check-data", "--root", tmp_path, "--dataset", "openood", "--ood", "ninco"], capsys)
+    assert rc == 0 and "NINCO" in out and "SSB-hard" not in out
+    rc, out, _ = _cli(["check-data", "--root", tmp_path, "--dataset", "openood", "--num-shots", "2"], capsys)
+    assert rc == 1 and "[ERROR] ImageNet-train: list benchmark_imglist/imagenet/train_imagenet.txt not found" in out
+    os.remove(info["lists"]["SSB-hard"])
+    rc, out, _ = _cli(["check-data", "--root", tmp_path, "--dataset", "openood"], capsys)
+    assert rc == 1 and "test_ssb_hard.txt not found" in out and "fix:" in out

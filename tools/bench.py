@@ -9,7 +9,13 @@ Benchmarks (each a ratio measured side by side in one run, random weights of rea
 * ``cache`` -- this file: the OOD evaluation of one prompt checkpoint, a full pass (encode every
   image, text side, scores, result files) vs a re-evaluation from the feature cache (key check,
   memory-mapped features, text side, scores, result files). Target: at least 20x. The scores of
-  both must be identical. The one-time extraction is reported beside it.
+  both must be identical. The one-time extraction is reported beside it. A second case does the
+  same with a negative-label score (``NegLabel`` next to MCM, on the prompt checkpoint's class text
+  features, a generated lexicon of ``--neglabel-words`` words): the full pass also encodes every word
+  of the lexicon; the re-evaluation reads the image features (extracted once with global features
+  only, as ``extract --no-local`` does for scores that need no local features) and the negative-label
+  bank from the cache and recomputes only the text side (the prompts, the cosines, the scores). It
+  checks that no image and no word was encoded again and that the scores are identical.
 
 Each tool is imported from ``tools/`` and its ``main(argv)`` called with ``--json``; a tool that
 fails is reported as such and the others still run. ``--quick`` shrinks every benchmark to a
@@ -50,9 +56,37 @@ CACHE_TARGET = 20.0
 
 
 # ------------------------------------------------------------------------------------ cache benchmark
+def _pseudo_words(n: int, seed: int = 0) -> List[str]:
+    """``n`` distinct pronounceable pseudo-words (a generated lexicon: no word list is shipped)."""
+    import random
+
+    rng = random.Random(seed)
+    onsets, vowels, codas = "b c d f g h k l m n p r s t v w z br tr pl st".split(), "a e i o u ai ou".split(), \
+        ["", "n", "r", "s", "t", "l", "m"]
+    words: List[str] = []
+    seen = set()
+    while len(words) < n:
+        w = "".join(rng.choice(onsets) + rng.choice(vowels) + rng.choice(codas) for _ in range(rng.randint(2, 3)))
+        if w not in seen:
+            seen.add(w)
+            words.append(w)
+    return words
+
+
+def _max_abs_diff(a: dict, b: dict) -> float:
+    diff = 0.0
+    for sc, v in a["id_scores"].items():
+        diff = max(diff, float(abs(v.astype("float64") - b["id_scores"][sc]).max()))
+    for o, per in a["ood_scores"].items():
+        for sc, v in per.items():
+            diff = max(diff, float(abs(v.astype("float64") - b["ood_scores"][o][sc]).max()))
+    return diff
+
+
 def run_cache_bench(model_name: str = "ViT-B/16", classes: int = 100, id_per_class: int = 2, ood_per_set: int = 50,
                     ood_sets: tuple = ("iNaturalist", "Texture"), batch: int = 50, image_size: int = 256,
-                    repeats: int = 3, device: str = "cpu", workers: int = 0, workdir: Optional[str] = None) -> dict:
+                    repeats: int = 3, device: str = "cpu", workers: int = 0, workdir: Optional[str] = None,
+                    neglabel_words: int = 2000) -> dict:
     """Full pass vs cached re-evaluation of one prompt checkpoint (see the module docstring).
 
     Args:
@@ -67,6 +101,7 @@ def run_cache_bench(model_name: str = "ViT-B/16", classes: int = 100, id_per_cla
         device: where the model runs.
         workers: data-loader workers.
         workdir: where data, cache and results go (default: a temporary folder, removed).
+        neglabel_words: words of the generated lexicon of the NegLabel case (0 skips the case).
     """
     from clip.model import build_model
     from clip.tiny import random_state_dict
@@ -107,7 +142,7 @@ def run_cache_bench(model_name: str = "ViT-B/16", classes: int = 100, id_per_cla
         save_checkpoint({"state_dict": custom.prompt_learner.state_dict(), "epoch": 50}, str(ckpt.parent),
                         model_name=ckpt.name)
 
-        def evaluate(out: Path, use_cache: bool) -> tuple:
+        def evaluate(out: Path, use_cache: bool, run_cfg=None) -> tuple:
             t = time.perf_counter()
             custom.prompt_learner.load_state_dict(load_checkpoint(str(ckpt))["state_dict"])
             with torch.no_grad():
@@ -115,8 +150,8 @@ def run_cache_bench(model_name: str = "ViT-B/16", classes: int = 100, id_per_cla
             text_s = time.perf_counter() - t
             buf = io.StringIO()
             with contextlib.redirect_stdout(buf):
-                res = run_ood_benchmark(cfg, clip_model, text, out, device=device, dataset=dataset, verbose=True,
-                                        use_cache=use_cache)
+                res = run_ood_benchmark(run_cfg or cfg, clip_model, text, out, device=device, dataset=dataset,
+                                        verbose=True, use_cache=use_cache)
             return time.perf_counter() - t, text_s, res, buf.getvalue()
 
         n_images = len(dataset.test) + ood_per_set * len(ood_sets)
@@ -143,12 +178,7 @@ def run_cache_bench(model_name: str = "ViT-B/16", classes: int = 100, id_per_cla
             cached_runs.append(s)
             text_runs.append(ts)
         hits = log.count("using cached features from")
-        diff = 0.0
-        for sc, v in full["id_scores"].items():
-            diff = max(diff, float(abs(v.astype("float64") - cached["id_scores"][sc]).max()))
-        for o, per in full["ood_scores"].items():
-            for sc, v in per.items():
-                diff = max(diff, float(abs(v.astype("float64") - cached["ood_scores"][o][sc]).max()))
+        diff = _max_abs_diff(full, cached)
         cached_s = statistics.median(cached_runs)
         result = {
             "name": f"OOD eval: cached vs full pass ({n_images} images, {classes} classes)",
@@ -169,13 +199,94 @@ def run_cache_bench(model_name: str = "ViT-B/16", classes: int = 100, id_per_cla
             "model_build_s": build_s,
             "data_generation_s": data_s,
         }
+        results = [result]
+        if neglabel_words > 0:
+            def extract_global() -> None:
+                # What `extract --no-local` writes: global features only, as a global-only evaluation computes
+                # them (CLIP's global output with and without the local path can differ by float rounding).
+                with torch.inference_mode():
+                    for name, items in sets.items():
+                        extract_to_cache(cache, cache_set_name(cfg, name), items, clip_model,
+                                         lambda it, idx: eval_loader(cfg, it, tfm, idx), tfm, device,
+                                         batch_size=batch, progress=False, with_local=False)
+
+            results.append(_neglabel_case(work, cfg, evaluate, extract_global, neglabel_words, len(sets), repeats,
+                                          n_images, classes))
         settings = {"model": model_name, "classes": classes, "images": n_images, "id_images": len(dataset.test),
                     "ood_sets": list(ood_sets), "ood_per_set": ood_per_set, "batch": batch, "image_size": image_size,
                     "scores": list(cfg.OOD.SCORES), "repeats": repeats, "device": device, "workers": workers,
-                    "threads": torch.get_num_threads(), "torch": torch.__version__,
+                    "neglabel_words": neglabel_words, "threads": torch.get_num_threads(), "torch": torch.__version__,
                     "timed": "text side + run_ood_benchmark (scores of all sets, result files, no plots); "
                              "process start and model loading (equal in both) excluded"}
-    return {"results": [result], "settings": settings}
+    return {"results": results, "settings": settings}
+
+
+def _neglabel_case(work: Path, cfg: Any, evaluate: Any, extract_global: Any, words: int, n_sets: int, repeats: int,
+                   n_images: int, classes: int) -> dict:
+    """NegLabel (with MCM) from the feature cache vs a full pass (see the module docstring)."""
+    import locoop.ood.neglabel as nl
+    import locoop.ood.runner as runner
+
+    lexicon = work / "lexicon.txt"
+    lexicon.write_text("\n".join(_pseudo_words(words)) + "\n")
+    neg_cfg = cfg.clone()
+    neg_cfg.defrost()
+    neg_cfg.merge_from_list(["OOD.SCORES", "['MCM', 'NegLabel']", "OOD.NEGLABEL.LEXICON", str(lexicon),
+                             "OOD.NEGLABEL.NGROUP", "10", "OOD.NEGLABEL.ID_TEXT", "trainer"])
+    full_s, _, full, _ = evaluate(work / "neg_full", False, neg_cfg)  # every image and every word encoded
+    t0 = time.perf_counter()
+    extract_global()
+    extract_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    evaluate(work / "neg_warm", True, neg_cfg)  # writes the negative-label bank into the cache
+    bank_once_s = time.perf_counter() - t0
+
+    calls = {"images": 0, "words": 0}
+
+    def counting(name, fn):
+        def wrapped(*a, **k):
+            calls[name] += 1
+            return fn(*a, **k)
+
+        return wrapped
+
+    real_images, real_words = runner.iter_feature_batches, nl.build_candidates
+    runner.iter_feature_batches = counting("images", real_images)
+    nl.build_candidates = counting("words", real_words)
+    try:
+        runs, text_runs, log = [], [], ""
+        for i in range(max(1, repeats)):
+            s, ts, cached, log = evaluate(work / f"neg_cached{i}", True, neg_cfg)
+            runs.append(s)
+            text_runs.append(ts)
+    finally:
+        runner.iter_feature_batches, nl.build_candidates = real_images, real_words
+    hits = log.count("using cached features from")
+    bank_hit = "from the cache" in log and calls["words"] == 0
+    text_only = hits == n_sets and calls["images"] == 0 and bank_hit
+    cached_s = statistics.median(runs)
+    meta = full["text_banks"]["NegLabel"].bank.meta
+    return {
+        "name": f"NegLabel eval: cached vs full pass ({n_images} images, {words} words, {classes} classes)",
+        "ratio": full_s / cached_s,
+        "target": CACHE_TARGET,
+        "max_abs_diff": _max_abs_diff(full, cached) if text_only else None,
+        "max_abs_diff_target": 1e-6,
+        "full_s": full_s,
+        "cached_s": cached_s,
+        "cached_s_all": runs,
+        "text_side_s": statistics.median(text_runs),
+        "bank_once_s": bank_once_s,
+        "extract_global_once_s": extract_s,
+        "cache_hits": hits,
+        "sets": n_sets,
+        "bank_from_cache": bank_hit,
+        "images_encoded_on_reeval": calls["images"],
+        "words_encoded_on_reeval": calls["words"],
+        "only_text_side": text_only,
+        "negatives": meta["num_negatives"],
+        "metrics_identical": full["metrics"] == cached["metrics"],
+    }
 
 
 def print_cache_report(report: dict) -> None:
@@ -183,6 +294,16 @@ def print_cache_report(report: dict) -> None:
     print(f"{r['name']}: full {r['full_s']:.1f} s, cached {r['cached_s']:.2f} s (text side {r['text_side_s']:.2f} s), "
           f"ratio {r['ratio']:.1f}x; one-time extraction {r['extract_once_s']:.1f} s, cache {r['cache_bytes'] / 2**20:.1f}"
           f" MB; {r['cache_hits']}/{r['sets']} sets from the cache; identical metrics: {r['metrics_identical']}")
+    for r in report["results"][1:]:
+        diff = "n/a" if r["max_abs_diff"] is None else f"{r['max_abs_diff']:.1e}"
+        print(f"{r['name']}: full {r['full_s']:.1f} s, cached {r['cached_s']:.2f} s "
+              f"(prompts {r['text_side_s']:.2f} s), ratio {r['ratio']:.1f}x; {r['negatives']} negative labels, "
+              f"bank built once in {r['bank_once_s']:.1f} s, "
+              f"global features extracted once in {r['extract_global_once_s']:.1f} s; "
+              f"re-evaluation: {r['cache_hits']}/{r['sets']} sets from the cache, bank from the cache: "
+              f"{r['bank_from_cache']}, images encoded {r['images_encoded_on_reeval']}, words encoded "
+              f"{r['words_encoded_on_reeval']} (only the text side: {r['only_text_side']}); scores identical: "
+              f"{r['max_abs_diff'] == 0.0} (max |diff| {diff}), identical metrics: {r['metrics_identical']}")
 
 
 # ------------------------------------------------------------------------------------ driver
@@ -215,8 +336,10 @@ def run_tool(name: str, args: argparse.Namespace, tmp: Path) -> dict:
     try:
         if name == "cache":
             kw = dict(device=args.device)
+            kw["neglabel_words"] = args.neglabel_words
             if args.quick:
-                kw.update(classes=10, id_per_class=2, ood_per_set=10, batch=10, image_size=224, repeats=1)
+                kw.update(classes=10, id_per_class=2, ood_per_set=10, batch=10, image_size=224, repeats=1,
+                          neglabel_words=min(args.neglabel_words, 300))
             report = run_cache_bench(**kw)
             print_cache_report(report)
         else:
@@ -267,6 +390,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", type=Path, default=None, help="write all results here")
+    p.add_argument("--neglabel-words", type=int, default=2000,
+                   help="words of the generated lexicon of the cache benchmark's NegLabel case (0 skips it)")
     args = p.parse_args(argv)
     if args.threads < 1:
         p.error("--threads must be >= 1")

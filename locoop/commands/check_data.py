@@ -1,4 +1,4 @@
-"""``python -m locoop check-data --root DATA [--dataset imagenet|voc|none] [--ood [NAME ...]] ...``.
+"""``python -m locoop check-data --root DATA [--dataset imagenet|voc|openood|none] [--ood [NAME ...]] ...``.
 
 Checks a data root against the layouts the datasets expect (see data/README.md), prints what is
 present and what is missing with the fix for every problem, and exits with 1 when a problem
@@ -12,13 +12,17 @@ import argparse
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the check-data arguments."""
     parser.add_argument("--root", required=True, help="the data root (DATASET.ROOT)")
-    parser.add_argument("--dataset", default="imagenet", type=str.lower, choices=["imagenet", "voc", "none"],
-                        help="ID dataset to check: imagenet (imagenet/images/{train,val}), voc (ID_VOC/) or none")
+    parser.add_argument("--dataset", default="imagenet", type=str.lower, choices=["imagenet", "voc", "openood", "none"],
+                        help="ID dataset to check: imagenet (imagenet/images/{train,val}), voc (ID_VOC/), openood "
+                             "(OpenOOD v1.5's ImageNet-1K image lists benchmark_imglist/imagenet/*.txt and the images "
+                             "they name; ID and OOD lists together) or none")
     parser.add_argument("--ood", nargs="*", default=None, metavar="NAME",
-                        help="OOD sets to check (iNaturalist SUN Places Texture ImageNet-22K COCO); "
-                             "--ood alone checks the benchmark's sets for --dataset")
+                        help="OOD sets to check (iNaturalist SUN Places Texture ImageNet-22K COCO; openood: SSB-hard "
+                             "NINCO iNaturalist Textures OpenImage-O, all by default); --ood alone checks the "
+                             "benchmark's sets for --dataset")
     parser.add_argument("--num-shots", type=int, default=None, metavar="K",
-                        help="check that K images per class can be drawn (DATASET.NUM_SHOTS)")
+                        help="check that K images per class can be drawn (DATASET.NUM_SHOTS; openood: that its "
+                             "training list train_imagenet.txt is there)")
     parser.add_argument("--seed", type=int, default=None,
                         help="with --num-shots: also check the cached few-shot split of this seed")
     parser.add_argument("--val-split", default=None, metavar="JSON",

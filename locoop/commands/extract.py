@@ -54,7 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _sets(cfg: Any, names: List[str]) -> Dict[str, list]:
     """``{set name: items}`` for ``names`` (checked before the model is loaded)."""
-    from locoop.data import build_dataset, build_ood_datasets
+    from locoop.data import build_dataset
+    from locoop.ood.runner import benchmark_ood_sets
 
     if not cfg.DATASET.ROOT:
         raise ValueError("DATASET.ROOT is empty; pass --root DATA (the folder holding the ID dataset and the OOD sets)")
@@ -69,7 +70,7 @@ def _sets(cfg: Any, names: List[str]) -> Dict[str, list]:
             raise ValueError(f"the ID dataset {cfg.DATASET.NAME} has no test images")
         out["ID"] = list(ds.test)
     if ood_names:
-        out.update(build_ood_datasets(cfg.DATASET.ROOT, ood_names))
+        out.update(benchmark_ood_sets(cfg, ood_names))  # folders, or the lists of OOD.BENCHMARK
     return out
 
 

@@ -1,9 +1,12 @@
-"""``python -m locoop summarize RUN_DIR [RUN_DIR ...] [--glob PATTERN] [--output DIR] [--paper ROW]``.
+"""``python -m locoop summarize RUN_DIR [RUN_DIR ...] [--glob PATTERN] [--output DIR] [--paper ROW]
+[--bootstrap N] [--bootstrap-seed S] [--confidence C]``.
 
 Averages several runs' ``ood_results.json`` (mean and population std by default) and
-writes ``summary.md`` / ``summary.json``; prints the tables. ``--paper ROW`` puts the runs' mean
-next to a published result (``locoop/data/paper_results.json``) with the difference, in the printed
-table and in both files; ``--paper list`` lists the rows.
+writes ``summary.md`` / ``summary.json``; prints the tables. Bootstrap confidence intervals (N = 1000
+replicates, from each run's ``ood_scores.npz``) are added: over images, and over seeds when there are
+several runs; ``--bootstrap 0`` skips them. ``--paper ROW`` puts the runs' mean next to a published
+result (``locoop/data/paper_results.json``) with the difference, in the printed table and in both
+files; ``--paper list`` lists the rows.
 """
 from __future__ import annotations
 
@@ -25,6 +28,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sample standard deviation (ddof=1) instead of population (ddof=0)")
     parser.add_argument("--paper", default=None, metavar="ROW",
                         help="compare with a published result row, e.g. setar-gl-imagenet ('list' lists them)")
+    parser.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+                        help="replicates of the bootstrap confidence intervals from each run's ood_scores.npz "
+                             "(over images, and over seeds with several runs); 0 = none (default 1000)")
+    parser.add_argument("--bootstrap-seed", type=int, default=0, metavar="S",
+                        help="seed of the bootstrap (numpy.random.default_rng; default 0), recorded in the summary")
+    parser.add_argument("--confidence", type=float, default=0.95, metavar="C",
+                        help="coverage of the intervals (default 0.95)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,7 +57,12 @@ def run(args: argparse.Namespace) -> int:
         if output is None:
             # Run folders are typically .../seed1, .../seed2: the summary goes next to them.
             output = os.path.commonpath([str(f.resolve().parent.parent) for f in files])
-        summary = summarize_runs(files, output_dir=Path(output), ddof=1 if args.sample_std else 0, paper=paper)
+        if args.bootstrap >= 2:
+            print(f"Bootstrap intervals: {args.bootstrap} replicates per run and score (--bootstrap 0 skips them)",
+                  file=sys.stderr, flush=True)
+        summary = summarize_runs(files, output_dir=Path(output), ddof=1 if args.sample_std else 0, paper=paper,
+                                 bootstrap=args.bootstrap, bootstrap_seed=args.bootstrap_seed,
+                                 confidence=args.confidence)
     except (OSError, ValueError) as e:
         print(f"summarize: {e}", file=sys.stderr)
         return 2

@@ -170,6 +170,38 @@ def _lambda_local(value: Any, cfg: Any) -> Optional[str]:
     return None
 
 
+def _benchmark(value: Any, cfg: Any) -> Optional[str]:
+    from locoop.data.datasets.openood import OPENOOD_BENCHMARKS
+
+    name = str(value or "").strip()
+    if not name:
+        return None
+    if name.lower() not in OPENOOD_BENCHMARKS:
+        valid = [""] + list(OPENOOD_BENCHMARKS)
+        close = difflib.get_close_matches(name, valid, n=1)
+        return (f"OOD.BENCHMARK = {value!r} is not valid; choose one of {valid} (\"\" = OOD folders)."
+                + (f" Did you mean '{close[0]}'?" if close else ""))
+    dataset = "OpenOODImageNet"
+    if str(cfg.DATASET.NAME) != dataset:
+        return (f"OOD.BENCHMARK = {value!r} reads its ID images from the benchmark's test_imagenet.txt, but "
+                f"DATASET.NAME is {cfg.DATASET.NAME!r}; set DATASET.NAME {dataset} (as "
+                "configs/benchmarks/openood_v1.5_imagenet.yaml does).")
+    return None
+
+
+def _bootstrap(value: Any, cfg: Any) -> Optional[str]:
+    f = _number(value)
+    if f is not None and f == int(f) and (int(f) == 0 or int(f) >= 2):
+        return None
+    return f"OOD.BOOTSTRAP = {value!r} is not valid: 0 (off) or the number of bootstrap replicates, >= 2 (e.g. 1000)."
+
+
+def _lexicon_formats() -> Tuple[str, ...]:
+    from locoop.ood.lexicon import LEXICON_FORMATS
+
+    return ("auto",) + tuple(LEXICON_FORMATS)
+
+
 def _setar_names():
     """The SeTAR vocabularies, from the modules that define them (imported only when checked)."""
     from locoop.setar.lowrank import PRUNE_TYPES
@@ -248,6 +280,21 @@ SECTIONS: Dict[str, Tuple[Rule, ...]] = {
         choice("OOD.FPR_CONVENTION", ("mcm", "openood"), ignore_case=True),
         choice("OOD.CACHE_LOCAL_DTYPE", ("float16", "float32")),
         rule("OOD.LAMBDA_LOCAL", _lambda_local),
+        rule("OOD.BENCHMARK", _benchmark),
+        rule("OOD.BOOTSTRAP", _bootstrap),
+        at_least("OOD.BOOTSTRAP_SEED", 0, "a seed of numpy.random.default_rng"),
+    ),
+    # The negative-label scores (NegLabel, CSP); the lexicon itself is read by the runner's checks.
+    "OOD.NEGLABEL": (
+        choice("OOD.NEGLABEL.LEXICON_FORMAT", _lexicon_formats),
+        in_range("OOD.NEGLABEL.RATIO", 0, 1, low_open=True, hint="fraction of each part of speech kept"),
+        in_range("OOD.NEGLABEL.PERCENTILE", 0, 1, hint="a quantile level"),
+        at_least("OOD.NEGLABEL.NGROUP", 0, "<= 1: no grouping"),
+        at_least("OOD.NEGLABEL.GROUP_SEED", 0),
+        choice("OOD.NEGLABEL.PERM_DEVICE", ("", "cpu", "cuda")),
+        in_range("OOD.NEGLABEL.T", low=0, low_open=True, hint="the score's temperature tau on cosines"),
+        choice("OOD.NEGLABEL.ID_TEXT", ("auto", "recipe", "trainer")),
+        at_least("OOD.NEGLABEL.TEXT_BATCH", 1),
     ),
     # Zero-shot CLIP's class prompt.
     "TRAINER.ZSCLIP": (_template("TRAINER.ZSCLIP.PROMPT_TEMPLATE", " (MCM / GL-MCM: 'a photo of a {}')"),),
@@ -277,7 +324,7 @@ SECTIONS: Dict[str, Tuple[Rule, ...]] = {
 }
 
 #: Sections whose value rules run whenever a config is built.
-VALUE_SECTIONS = ("ENGINE", "TRAINER.LOCOOP", "TRAINER.ZSCLIP", "OOD", "SETAR", "SETAR.FT")
+VALUE_SECTIONS = ("ENGINE", "TRAINER.LOCOOP", "TRAINER.ZSCLIP", "OOD", "OOD.NEGLABEL", "SETAR", "SETAR.FT")
 
 
 def check_sections(cfg: Any, sections: Iterable[str], include_required: bool = True) -> None:

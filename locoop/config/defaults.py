@@ -209,6 +209,27 @@ def _add_ood(c: CN) -> None:
     c.OOD.CACHE_DIR = ""  # image-feature cache folder ("" = $LOCOOP_FEATURE_CACHE, else ~/.cache/locoop/features)
     c.OOD.USE_CACHE = True  # reuse cached image features
     c.OOD.CACHE_LOCAL_DTYPE = "float16"  # local features in the cache: float16 (half the disk) or float32 (exact)
+    # image-list benchmark instead of OOD folders: "" (folders of OOD.DATASETS under DATASET.ROOT) or
+    # openood_v1.5_imagenet (OpenOOD's benchmark_imglist/ lists; OOD.DATASETS then names its lists; tables near / far)
+    c.OOD.BENCHMARK = ""
+    c.OOD.BOOTSTRAP = 0  # >= 2: bootstrap replicates over images per run, intervals written into ood_results.*; 0 = off
+    c.OOD.BOOTSTRAP_SEED = 0  # seed of numpy.random.default_rng for those replicates
+    # negative-label scores NegLabel / CSP (OOD.SCORES "['MCM', 'NegLabel']"): defaults = the papers' code
+    c.OOD.NEGLABEL = CN()
+    # word list the negative labels are mined from: WordNet's dict/ folder (NLTK's wordnet corpus, Debian's
+    # wordnet-base: /usr/share/wordnet), NegLabel's txtfiles/ folder, or a one-word-per-line file ("" = none)
+    c.OOD.NEGLABEL.LEXICON = ""
+    c.OOD.NEGLABEL.LEXICON_FORMAT = "auto"  # auto (detected), wordnet, neglabel or words
+    c.OOD.NEGLABEL.RATIO = 0.15  # fraction of each part of speech kept as negative labels (NegLabel's neg_topk)
+    c.OOD.NEGLABEL.PERCENTILE = 0.95  # quantile of a word's cosines to the ID labels; the smallest are kept
+    c.OOD.NEGLABEL.NGROUP = 100  # groups of the grouping strategy (<= 1: one softmax over all negatives)
+    c.OOD.NEGLABEL.GROUP_SEED = 0  # seed of the permutation that forms the groups (torch.randperm)
+    c.OOD.NEGLABEL.PERM_DEVICE = ""  # device type the permutation is drawn on: "" = the evaluation device, cpu, cuda
+    c.OOD.NEGLABEL.T = 0.01  # temperature tau of the score on cosines (the code's t = 1 on 100 * cos)
+    # ID labels of the score: auto (the recipe's own prompts, "the nice {}" / CSP's 8, for hand-written class
+    # prompts; the trainer's text features for learned prompts: LoCoOp, CoOp), recipe, or trainer
+    c.OOD.NEGLABEL.ID_TEXT = "auto"
+    c.OOD.NEGLABEL.TEXT_BATCH = 1000  # prompts per text-encoder pass while encoding the candidate words
 
 
 def _add_setar(c: CN) -> None:

@@ -335,9 +335,11 @@ def check_data(root: str, dataset: Optional[str] = "imagenet", ood: Optional[Seq
 
     Args:
         root: the data root (``DATASET.ROOT``).
-        dataset: ``imagenet``, ``voc`` (also ``ImageNet``/``PascalVOC``) or ``None``/``none`` for OOD only.
+        dataset: ``imagenet``, ``voc`` (also ``ImageNet``/``PascalVOC``), ``openood`` (OpenOOD v1.5's
+            ImageNet-1K image lists, ``benchmark_imglist/imagenet/``) or ``None``/``none`` for OOD only.
         ood: OOD set names to check; an empty list means the benchmark's sets for ``dataset``;
-            ``None`` skips them.
+            ``None`` skips them (``openood``: its image lists are always checked, all of them unless
+            ``ood`` names some).
         num_shots: check K-shot feasibility (and the split cache when ``seed`` is given).
         seed: few-shot seed.
         verify_images: decode every image.
@@ -358,10 +360,17 @@ def check_data(root: str, dataset: Optional[str] = "imagenet", ood: Optional[Seq
     elif key in ("voc", "pascalvoc", "pascal-voc"):
         check_voc(report, root, num_shots, seed, verify_images, strict, val_split_file, workers)
         default_ood = VOC_OOD_SETS
+    elif key in ("openood", "openoodimagenet", "openood_v1.5_imagenet"):
+        from .check_openood import check_openood
+
+        # The ID and OOD lists are one benchmark; the training list only matters for few-shot training.
+        check_openood(report, root, sets=list(ood) if ood else None, need_train=need_train and num_shots is not None,
+                      verify_images=verify_images, strict=strict, workers=workers)
+        return report
     elif key == "none":
         default_ood = IMAGENET_OOD_SETS
     else:
-        raise ValueError(f"unknown dataset {dataset!r}; choose imagenet, voc or none")
+        raise ValueError(f"unknown dataset {dataset!r}; choose imagenet, voc, openood or none")
     if ood is None:
         report.add("info", "OOD sets", "not checked (pass --ood, or --ood NAME ... for specific sets)")
     else:

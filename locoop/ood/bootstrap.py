@@ -37,7 +37,12 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 
 __all__ = ["METRICS", "MCM_METRICS", "OPENOOD_METRICS", "bootstrap_metrics", "bootstrap_seeds", "bootstrap_runs",
-           "metrics_from_counts", "load_scores_npz", "bootstrap_run_dirs", "to_percent", "AVERAGE"]
+           "metrics_from_counts", "load_scores_npz", "bootstrap_run_dirs", "to_percent", "AVERAGE",
+           "bootstrap_benchmark", "format_interval", "format_intervals_markdown", "format_intervals_table",
+           "METRIC_TITLES"]
+
+METRIC_TITLES = {"fpr95": "FPR95", "auroc": "AUROC", "aupr": "AUPR", "fpr95_openood": "FPR95 (OpenOOD)",
+                 "auroc_openood": "AUROC (OpenOOD)", "aupr_in": "AUPR-In", "aupr_out": "AUPR-Out"}
 
 MCM_METRICS = ("fpr95", "auroc", "aupr")
 OPENOOD_METRICS = ("fpr95_openood", "auroc_openood", "aupr_in", "aupr_out")
@@ -392,3 +397,83 @@ def to_percent(obj: Any) -> Any:
     if isinstance(obj, list):
         return [to_percent(v) for v in obj]
     return obj
+
+
+# ------------------------------------------------------------------------------------ a run's intervals
+def bootstrap_benchmark(id_scores: Mapping[str, ArrayLike], ood_scores: Mapping[str, Mapping[str, ArrayLike]],
+                        n_resamples: int = 1000, seed: int = 0, confidence: float = 0.95,
+                        metrics: Sequence[str] = MCM_METRICS) -> Dict[str, Any]:
+    """Intervals over images of one evaluation, every score (the ``bootstrap`` block of ``ood_results.json``).
+
+    Every score uses ``default_rng(seed)``, so all scores see the same resampled images (paired).
+
+    Args:
+        id_scores: ``{score: ID scores}``.
+        ood_scores: ``{set: {score: scores}}``.
+
+    Returns:
+        ``{"units": "percent", "n_resamples", "seed", "confidence", "metrics", "method", "rng",
+        "scores": {score: {set or "Average": {metric: {"estimate", "low", "high", "se"}}}}}`` in percent.
+    """
+    out: Dict[str, Any] = {"units": "percent", "n_resamples": int(n_resamples), "seed": int(seed),
+                           "confidence": float(confidence), "metrics": list(metrics), "method": IMAGE_METHOD,
+                           "rng": RNG_PROTOCOL + "; every score draws from its own default_rng(seed)", "scores": {}}
+    for score, id_s in id_scores.items():
+        res = bootstrap_metrics(id_s, {o: per[score] for o, per in ood_scores.items()}, n_resamples, seed, confidence,
+                                metrics)
+        out["scores"][score] = to_percent(res["sets"])
+    return out
+
+
+def format_interval(iv: Optional[Mapping[str, float]], digits: int = 2) -> str:
+    """``'42.10 [40.02, 44.31]'`` (estimate [low, high]); an em dash for None."""
+    if not iv:
+        return "—"
+    return f"{iv['estimate']:.{digits}f} [{iv['low']:.{digits}f}, {iv['high']:.{digits}f}]"
+
+
+def _interval_rows(per_score: Mapping[str, Mapping[str, Mapping[str, Any]]], key: Optional[str]):
+    for o, per_metric in per_score.items():
+        yield o, {m: (v.get(key) if key else v) for m, v in per_metric.items()}
+
+
+def format_intervals_markdown(block: Mapping[str, Any], title: str = "Bootstrap confidence intervals",
+                              key: Optional[str] = None, level: int = 2, note: str = "") -> str:
+    """Markdown tables ``estimate [low, high]`` per score, OOD set and metric (percent).
+
+    Args:
+        block: a :func:`bootstrap_benchmark` result, or a summary's ``bootstrap`` block (``key`` then picks
+            ``images`` or ``seeds`` out of each metric's entry).
+        title: the section heading.
+        key: None, or the entry of each metric to show.
+        level: heading level of the section (its score tables are one level lower).
+        note: a sentence after the heading.
+    """
+    metrics = list(block["metrics"])
+    conf = 100 * float(block["confidence"])
+    h = "#" * level
+    out = [f"{h} {title}", "",
+           f"{conf:g} % percentile intervals, {block['n_resamples']} resamples, bootstrap seed {block['seed']}; "
+           "values in percent, estimate [low, high]." + (f" {note}" if note else "")]
+    for score, per_score in block["scores"].items():
+        out += ["", f"{h}# {score}", "", "| OOD set | " + " | ".join(METRIC_TITLES.get(m, m) for m in metrics) + " |",
+                "|---|" + "---:|" * len(metrics)]
+        for o, row in _interval_rows(per_score, key):
+            out.append(f"| {o} | " + " | ".join(format_interval(row.get(m)) for m in metrics) + " |")
+    return "\n".join(out) + "\n"
+
+
+def format_intervals_table(block: Mapping[str, Any], key: Optional[str] = None, title: str = "") -> str:
+    """Console text of :func:`format_intervals_markdown` (same arguments)."""
+    metrics = list(block["metrics"])
+    conf = 100 * float(block["confidence"])
+    lines = [title or f"Bootstrap {conf:g} % intervals over images ({block['n_resamples']} resamples, seed "
+             f"{block['seed']}); percent, estimate [low, high]"]
+    for score, per_score in block["scores"].items():
+        rows = list(_interval_rows(per_score, key))
+        width = max(len(o) for o, _ in rows) + 2
+        head = f"{'OOD set':<{width}}" + "".join(f"{METRIC_TITLES.get(m, m):>24}" for m in metrics)
+        lines += ["", f"[{score}]", head]
+        for o, row in rows:
+            lines.append(f"{o:<{width}}" + "".join(f"{format_interval(row.get(m)):>24}" for m in metrics))
+    return "\n".join(lines)

@@ -159,15 +159,16 @@ def normalize_text_features(text_features: torch.Tensor) -> torch.Tensor:
     return F.normalize(text_features.detach().float(), dim=-1)
 
 
-def _rows_per_chunk(features: FeatureSet, num_classes: int, use_local: bool, chunk_elements: int) -> int:
-    per_row = num_classes * (1 + (features.num_patches if use_local else 0))
+def _rows_per_chunk(features: FeatureSet, num_classes: int, use_local: bool, chunk_elements: int,
+                    extra_columns: int = 0) -> int:
+    per_row = num_classes * (1 + (features.num_patches if use_local else 0)) + int(extra_columns)
     return max(1, int(chunk_elements) // max(1, per_row))
 
 
 @torch.inference_mode()
 def iter_similarities(features: FeatureSet, text_features: torch.Tensor, use_local: bool = True,
-                      device: Optional[Device] = None, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
-                      ) -> Iterator[Tuple[int, int, torch.Tensor, Optional[torch.Tensor]]]:
+                      device: Optional[Device] = None, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+                      extra_columns: int = 0) -> Iterator[Tuple[int, int, torch.Tensor, Optional[torch.Tensor]]]:
     """Cosine similarities with the class texts, in row chunks.
 
     Args:
@@ -175,7 +176,8 @@ def iter_similarities(features: FeatureSet, text_features: torch.Tensor, use_loc
         text_features: ``[C, D]`` class text features (normalised here again, in float32).
         use_local: also yield the local similarities ``[n, P, C]``.
         device: where to compute (default: the text features' device).
-        chunk_elements: bound on rows x (1 + P) x C per chunk.
+        chunk_elements: bound on rows x ((1 + P) x C + extra_columns) per chunk.
+        extra_columns: columns per row the caller adds to each chunk (a score's text bank).
 
     Yields:
         ``(lo, hi, global_sim [n, C], local_sim [n, P, C] or None)`` float32, rows ``lo:hi``.
@@ -193,7 +195,7 @@ def iter_similarities(features: FeatureSet, text_features: torch.Tensor, use_loc
     if use_local and not features.has_local:
         raise ValueError("local similarities requested but the features were extracted with with_local=False")
     text_t = text.t().contiguous()
-    step = _rows_per_chunk(features, text.shape[0], use_local, chunk_elements)
+    step = _rows_per_chunk(features, text.shape[0], use_local, chunk_elements, extra_columns)
     n = len(features)
     for lo in range(0, n, step):
         hi = min(n, lo + step)
@@ -206,8 +208,8 @@ def iter_similarities(features: FeatureSet, text_features: torch.Tensor, use_loc
 
 def score_features(features: FeatureSet, text_features: torch.Tensor, names: Optional[Sequence[str]] = None,
                    T: float = 1.0, logit_scale: float = 100.0, lambda_local: float = 1.0,
-                   device: Optional[Device] = None, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
-                   ) -> Tuple[Dict[str, np.ndarray], np.ndarray]:
+                   device: Optional[Device] = None, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+                   banks: Optional[Dict[str, object]] = None) -> Tuple[Dict[str, np.ndarray], np.ndarray]:
     """OOD scores of every image (higher = more ID) and the predicted classes.
 
     Args:
@@ -219,22 +221,36 @@ def score_features(features: FeatureSet, text_features: torch.Tensor, names: Opt
         lambda_local: weight of L-MCM inside GL-MCM.
         device: where to compute (default: the text features' device).
         chunk_elements: bound on the size of each similarity chunk.
+        banks: ``{score: TextBank}`` of the scores that need extra text features (NegLabel, CSP;
+            :mod:`locoop.ood.textbank`): their cosines are computed from the global features next to
+            the class cosines, in a matmul of their own (so the class cosines, and every other score,
+            are the same with or without them).
 
     Returns:
         ``({score: float32 array [N]}, predictions int64 [N])``.
 
     Raises:
-        ValueError: unknown score, a local score without local features, NaN/inf scores.
+        ValueError: unknown score, a local score without local features, a text-bank score without its
+            bank, NaN/inf scores.
     """
     from locoop.ood.scores import compute_scores, get_score, resolve_score_names
 
-    resolved = resolve_score_names(names, have_local=features.has_local)
+    banks = {get_score(k).name: v for k, v in (banks or {}).items()}
+    resolved = resolve_score_names(names, have_local=features.has_local, have_banks=banks)
     use_local = any(get_score(n).needs_local for n in resolved)
+    used = {name: banks[name] for name in resolved if get_score(name).text_bank is not None}
     n = len(features)
     out = {name: np.empty(n, dtype=np.float32) for name in resolved}
     preds = np.empty(n, dtype=np.int64)
-    for lo, hi, g, loc in iter_similarities(features, text_features, use_local, device, chunk_elements):
-        part = compute_scores(g, loc, resolved, T=T, logit_scale=logit_scale, lambda_local=lambda_local)
+    bank_t: Dict[str, torch.Tensor] = {}
+    extra = sum(int(b.features.shape[0]) for b in used.values())
+    for lo, hi, g, loc in iter_similarities(features, text_features, use_local, device, chunk_elements, extra):
+        if used and not bank_t:  # the banks' features are normalised by their builders
+            bank_t = {name: b.features.to(g.device, torch.float32).t().contiguous() for name, b in used.items()}
+        rows = features.global_feats[lo:hi].to(g.device, torch.float32) if used else None
+        bank_sim = {name: rows @ t for name, t in bank_t.items()}
+        part = compute_scores(g, loc, resolved, T=T, logit_scale=logit_scale, lambda_local=lambda_local,
+                              bank_sim=bank_sim, banks=used)
         for name, v in part.items():
             out[name][lo:hi] = v
         preds[lo:hi] = g.argmax(dim=-1).cpu().numpy()

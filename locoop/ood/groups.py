@@ -90,16 +90,20 @@ def table_metrics(results: Results) -> List[str]:
 def format_grouped_markdown(results: Results, groups: Mapping[str, Sequence[str]],
                             metrics: Optional[Sequence[str]] = None,
                             id_accuracy: Optional[float] = None, title: str = "OOD detection results (near / far OOD)",
-                            overall: bool = False) -> str:
-    """Markdown tables per score, rows grouped near / far with their averages (bold), values in percent."""
+                            overall: bool = False, level: int = 1) -> str:
+    """Markdown tables per score, rows grouped near / far with their averages (bold), values in percent.
+
+    ``level``: heading level of the title (the score tables' headings are one level lower).
+    """
     metrics = list(metrics or table_metrics(results))
-    out = [f"# {title}", ""]
+    h = "#" * int(level)
+    out = [f"{h} {title}", ""]
     if id_accuracy is not None:
         out += [f"ID accuracy: {100 * float(id_accuracy):.2f}%", ""]
     positive = "OOD" if any(k in ("fpr95_openood", "aupr_out") for k in metrics) else "ID"
     out.append(f"Values in percent; group rows are the mean over the group's sets. FPR95 positive class: {positive}.")
     for score, rows in grouped_rows(results, groups, overall).items():
-        out += ["", f"## {score}", "", "| OOD set | " + " | ".join(_TITLES.get(k, k) for k in metrics) + " |",
+        out += ["", f"{h}# {score}", "", "| OOD set | " + " | ".join(_TITLES.get(k, k) for k in metrics) + " |",
                 "|---|" + "---:|" * len(metrics)]
         for name, kind, m in rows:
             cells = [f"{100 * m[k]:.2f}" for k in metrics]

@@ -82,6 +82,8 @@ __all__ = [
     "mining_quantiles", "select_negatives", "group_columns", "neglabel_score", "score_from_stats",
     "score_feature_batches",
     "text_fingerprint", "tensor_digest", "build_candidates", "build_negative_bank", "BANK_FORMAT",
+    "params_from_cfg", "resolve_id_text", "NegativeLabelPlan", "NegativeLabelScorer", "NegativeLabelSpec",
+    "ID_TEXT_MODES",
 ]
 
 Device = Union[str, torch.device]
@@ -603,3 +605,166 @@ def build_negative_bank(clip_model: torch.nn.Module, id_text_features: torch.Ten
     if folder is not None:
         atomic_torch_save(bank.to_state(), folder / f"bank-{bank_key[:20]}.pt")
     return bank
+
+
+# ------------------------------------------------------------------------------------ the runner's text side
+ID_TEXT_MODES = ("auto", "recipe", "trainer")
+
+
+def params_from_cfg(cfg: Any, recipe: str) -> NegLabelParams:
+    """The parameters of ``recipe`` (``neglabel`` / ``csp``) with ``OOD.NEGLABEL.*`` (ratio, percentile, groups,
+    their seed and device, temperature); the prompts and exclusions stay the recipe's."""
+    c = cfg.OOD.NEGLABEL
+    return NegLabelParams.for_recipe(recipe, ratio=float(c.RATIO), percentile=float(c.PERCENTILE),
+                                     ngroup=int(c.NGROUP), group_seed=int(c.GROUP_SEED),
+                                     perm_device=str(c.PERM_DEVICE), temperature=float(c.T))
+
+
+def _learns_prompts(trainer: str) -> bool:
+    """True for trainers whose class prompts are learned (LoCoOp and its subclasses, CoOp)."""
+    if not trainer:
+        return False
+    from locoop.engine.registry import get_trainer_class
+
+    try:
+        cls, base = get_trainer_class(trainer), get_trainer_class("LoCoOp")
+    except (KeyError, ValueError):
+        return False
+    return isinstance(cls, type) and issubclass(cls, base)
+
+
+def resolve_id_text(cfg: Any) -> str:
+    """``OOD.NEGLABEL.ID_TEXT`` resolved: ``recipe`` or ``trainer`` (``auto``: ``trainer`` for learned prompts)."""
+    mode = str(cfg.OOD.NEGLABEL.ID_TEXT)
+    if mode not in ID_TEXT_MODES:
+        raise ValueError(f"OOD.NEGLABEL.ID_TEXT = {mode!r} is not valid; choose one of {list(ID_TEXT_MODES)}")
+    if mode != "auto":
+        return mode
+    return "trainer" if _learns_prompts(str(cfg.TRAINER.NAME)) else "recipe"
+
+
+@dataclass
+class NegativeLabelPlan:
+    """What :meth:`NegativeLabelSpec.check` read and decided before any image is encoded."""
+
+    score: str
+    params: NegLabelParams
+    lexicon: Lexicon
+    id_text: str
+    text_batch: int
+    exclusions_applied: Optional[bool]
+
+
+@dataclass
+class NegativeLabelScorer:
+    """A negative-label score's text side in an evaluation (a :class:`locoop.ood.textbank.TextBank`).
+
+    ``features`` are the columns appended to the class cosines: the recipe's own ID label features
+    followed by the negative labels (``id_text = "recipe"``), or the negative labels alone, scored
+    against the trainer's class cosines (``id_text = "trainer"``).
+    """
+
+    score_name: str
+    bank: NegativeLabelBank
+    id_text: str
+    id_features: Optional[torch.Tensor] = None
+    notes: List[str] = field(default_factory=list)
+    exclusions_applied: Optional[bool] = None
+
+    def __post_init__(self) -> None:
+        parts = [self.id_features.float()] if self.id_features is not None else []
+        self.features = torch.cat(parts + [self.bank.features.float()]).contiguous()
+
+    @property
+    def labels(self) -> List[str]:
+        return list(self.bank.labels)
+
+    @property
+    def pos(self) -> List[str]:
+        return list(self.bank.pos)
+
+    @property
+    def groups(self) -> Optional[torch.Tensor]:
+        return self.bank.groups
+
+    def score(self, class_cos: torch.Tensor, bank_cos: torch.Tensor) -> torch.Tensor:
+        """The grouped NegLabel score of a chunk (see :func:`neglabel_score`)."""
+        if self.id_features is None:
+            return self.bank.score(class_cos, bank_cos)
+        k = int(self.id_features.shape[0])
+        return self.bank.score(bank_cos[:, :k], bank_cos[:, k:])
+
+    def describe(self) -> Dict[str, Any]:
+        out = {"score": self.score_name, "id_text": self.id_text, "bank_key": self.bank.key,
+               "params": self.bank.params.as_dict(), **self.bank.meta}
+        if self.id_features is not None:
+            out["id_prompts"] = list(self.bank.params.id_templates)
+        if self.exclusions_applied is not None:
+            out["lexicon_exclude_applied"] = self.exclusions_applied
+        if self.notes:
+            out["notes"] = list(self.notes)
+        return out
+
+
+class NegativeLabelSpec:
+    """The text bank of a negative-label score (:class:`locoop.ood.textbank.TextBankSpec`): ``recipe`` is
+    ``neglabel`` or ``csp``; the settings are ``OOD.NEGLABEL.*``."""
+
+    what = "negative labels"
+
+    def __init__(self, score: str, recipe: str):
+        if recipe not in RECIPES:
+            raise ValueError(f"unknown negative-label recipe {recipe!r}; choose one of {list(RECIPES)}")
+        self.score, self.recipe = score, recipe
+
+    def check(self, cfg: Any) -> NegativeLabelPlan:
+        """Read the lexicon and validate the parameters (before any model or image).
+
+        Raises:
+            ValueError / FileNotFoundError: no or a bad ``OOD.NEGLABEL.LEXICON`` (the layouts listed), bad values.
+        """
+        from locoop.ood.lexicon import LEXICON_LAYOUTS, detect_format, read_lexicon
+
+        c = cfg.OOD.NEGLABEL
+        path = str(c.LEXICON or "").strip()
+        if not path:
+            raise ValueError(f"score {self.score} needs a word list to mine its negative labels from: set "
+                             f"OOD.NEGLABEL.LEXICON (see the README, 'Negative-label scores').\n{LEXICON_LAYOUTS}")
+        try:
+            params = params_from_cfg(cfg, self.recipe)
+        except ValueError as e:
+            raise ValueError(f"OOD.NEGLABEL: {e}") from None
+        fmt = str(c.LEXICON_FORMAT).lower()
+        try:
+            resolved = detect_format(path) if fmt == "auto" else fmt
+            applies = resolved == "neglabel" and bool(params.lexicon_exclude)
+            lexicon = read_lexicon(path, resolved, exclude=params.lexicon_exclude if applies else ())
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"OOD.NEGLABEL.LEXICON: {e}") from None
+        except ValueError as e:
+            raise ValueError(f"OOD.NEGLABEL.LEXICON: {e}") from None
+        return NegativeLabelPlan(self.score, params, lexicon, resolve_id_text(cfg), int(c.TEXT_BATCH),
+                                 applies if params.lexicon_exclude else None)
+
+    def build(self, plan: NegativeLabelPlan, *, clip_model: torch.nn.Module, class_text: torch.Tensor,
+              classnames: Sequence[str], device: torch.device, cache_dir: Optional[str],
+              verbose: bool) -> NegativeLabelScorer:
+        """The bank for this model's text tower and ID labels, from the cache when possible."""
+        say = print if verbose else (lambda *a, **k: None)
+        notes = []
+        if plan.exclusions_applied is False:
+            notes.append(f"{self.recipe} excludes the lexicon files {list(plan.params.lexicon_exclude)}, which a "
+                         f"{plan.lexicon.format} lexicon does not have: no word was excluded")
+            say(f"{self.score}: note: {notes[-1]}")
+        if plan.id_text == "recipe":
+            ids = recipe_id_text_features(clip_model, classnames, plan.params, device=device)
+            say(f"{self.score}: ID labels from the recipe's prompts {list(plan.params.id_templates)} "
+                f"({len(classnames)} classes)")
+        else:
+            ids = class_text.detach().float()
+            ids = ids / ids.norm(dim=-1, keepdim=True)
+            say(f"{self.score}: ID labels = the evaluated class text features (OOD.NEGLABEL.ID_TEXT trainer)")
+        bank = build_negative_bank(clip_model, ids, plan.lexicon, plan.params, cache_dir=cache_dir, device=device,
+                                   batch_size=plan.text_batch, verbose=verbose)
+        return NegativeLabelScorer(self.score, bank, plan.id_text, ids.cpu() if plan.id_text == "recipe" else None,
+                                   notes, plan.exclusions_applied)

@@ -208,25 +208,55 @@ def _json_default(o: Any) -> Any:
 
 
 def build_results_json(results: Results, meta: Optional[Mapping[str, Any]] = None,
-                       id_accuracy: Optional[float] = None) -> Dict[str, Any]:
-    """The ``ood_results.json`` document (percentages, averages, conventions, metadata)."""
+                       id_accuracy: Optional[float] = None, groups: Optional[Mapping[str, Any]] = None,
+                       bootstrap: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    """The ``ood_results.json`` document (percentages, averages, conventions, metadata).
+
+    ``groups`` (``{"near": [sets], "far": [sets]}``) adds ``groups``: the sets of each group and every
+    score's group averages (:func:`locoop.ood.groups.grouped_json`); ``bootstrap`` (a
+    :func:`locoop.ood.bootstrap.bootstrap_benchmark` block) is stored as ``bootstrap``.
+    """
     results, id_accuracy = _resolve_accuracy(results, id_accuracy)
     meta = dict(meta or {})
     if "env" not in meta:
         meta["env"] = collect_env(meta.get("device"))
-    return {
+    doc = {
         "format_version": RESULTS_FORMAT_VERSION,
         "units": "percent",
         "positive_class": "ID",
         "fpr_convention": FPR_CONVENTION,
         "id_accuracy": None if id_accuracy is None else 100.0 * id_accuracy,
         "scores": _percent(with_average(results)),
-        "meta": meta,
     }
+    if groups:
+        from locoop.ood.groups import grouped_json
+
+        doc["groups"] = grouped_json(results, groups)
+    if bootstrap:
+        doc["bootstrap"] = dict(bootstrap)
+    doc["meta"] = meta
+    return doc
+
+
+def _extra_markdown(results: Results, groups: Optional[Mapping[str, Any]],
+                    bootstrap: Optional[Mapping[str, Any]]) -> str:
+    """The grouped near / far tables and the bootstrap intervals appended to ``ood_results.md``."""
+    parts = []
+    if groups:
+        from locoop.ood.groups import format_grouped_markdown
+
+        parts.append(format_grouped_markdown(results, groups, title="Near-OOD / far-OOD", level=2))
+    if bootstrap:
+        from locoop.ood.bootstrap import format_intervals_markdown
+
+        parts.append(format_intervals_markdown(bootstrap, title="Bootstrap confidence intervals over images",
+                                               level=2))
+    return "".join("\n" + p for p in parts)
 
 
 def write_results(run_dir: Union[str, Path], results: Results, meta: Optional[Mapping[str, Any]] = None,
-                  id_accuracy: Optional[float] = None) -> Dict[str, Path]:
+                  id_accuracy: Optional[float] = None, groups: Optional[Mapping[str, Any]] = None,
+                  bootstrap: Optional[Mapping[str, Any]] = None) -> Dict[str, Path]:
     """Write ``ood_results.md``, ``ood_results.csv`` and ``ood_results.json`` into ``run_dir``.
 
     Args:
@@ -240,6 +270,10 @@ def write_results(run_dir: Union[str, Path], results: Results, meta: Optional[Ma
             (filled with :func:`collect_env` when absent). Must be JSON-serialisable
             (paths, numpy values and config nodes are converted).
         id_accuracy: ID top-1 accuracy as a fraction (alternative to the results entry).
+        groups: ``{"near": [sets], "far": [sets]}`` of an image-list benchmark (OpenOOD v1.5): the
+            Markdown gets the tables grouped near / far with their averages, the JSON ``groups``.
+        bootstrap: per-run bootstrap intervals (:func:`locoop.ood.bootstrap.bootstrap_benchmark`):
+            the JSON's ``bootstrap``, a Markdown section.
 
     Returns:
         ``{"md": path, "csv": path, "json": path}``.
@@ -249,9 +283,9 @@ def write_results(run_dir: Union[str, Path], results: Results, meta: Optional[Ma
             set name ``Average``), checked before anything is written.
     """
     results, id_accuracy = _resolve_accuracy(results, id_accuracy)
-    doc = build_results_json(results, meta, id_accuracy)  # validates first
+    doc = build_results_json(results, meta, id_accuracy, groups, bootstrap)  # validates first
     md = format_markdown(results, id_accuracy, num_images=(meta or {}).get("num_images"),
-                         num_skipped=(meta or {}).get("num_skipped"))
+                         num_skipped=(meta or {}).get("num_skipped")) + _extra_markdown(results, groups, bootstrap)
     text_csv = format_csv(results)
     text_json = json.dumps(doc, indent=2, default=_json_default, ensure_ascii=False) + "\n"
     run_dir = Path(run_dir)

@@ -6,8 +6,18 @@ SeTAR its pruned model. Protocol (MCM / GL-MCM / LoCoOp): ID = ``cfg.DATASET`` t
 test transform; OOD = the folders of ``cfg.OOD.DATASETS`` under ``cfg.DATASET.ROOT``; ID is the
 positive class; all ``cfg.OOD.SCORES`` use the temperature ``cfg.OOD.T`` on cosine similarities.
 
-Everything that can be wrong with the input (score names, T, OOD folders, the ID dataset, the
-number of classes) is checked before the first image is encoded.
+Everything that can be wrong with the input (score names, T, OOD folders or image lists, the ID
+dataset, the number of classes, a negative-label score's lexicon) is checked before the first image
+is encoded.
+
+Image-list benchmarks (``OOD.BENCHMARK``, e.g. ``openood_v1.5_imagenet``): the OOD sets are read
+from the benchmark's ``path label`` lists instead of folders (:func:`benchmark_ood_sets`), and the
+result tables are grouped near / far with their averages.
+
+Scores that need extra text features (NegLabel, CSP: negative labels; :mod:`locoop.ood.textbank`)
+get them from :func:`build_text_side`, once per evaluation, before the first image is encoded; their
+cosines come from the global image features, so a re-evaluation from the feature cache only
+recomputes this text side.
 
 Feature cache (:mod:`locoop.ood.cache`): with ``OOD.USE_CACHE`` (default) a set whose features
 ``python -m locoop extract`` stored for this very image encoder, preprocessing and file list is
@@ -38,7 +48,8 @@ from locoop.ood.features import iter_feature_batches, score_features
 
 __all__ = ["run_ood_benchmark", "check_benchmark_inputs", "benchmark_precision", "extraction_amp", "cache_set_name",
            "cache_local_dtype", "eval_loader", "score_set", "SetResult", "benchmark_meta", "write_scores_npz",
-           "write_plots", "SCORES_NPZ", "PLOTS_DIR"]
+           "write_plots", "SCORES_NPZ", "PLOTS_DIR", "check_benchmark_lists", "benchmark_ood_sets", "build_text_side",
+           "run_bootstrap"]
 
 SCORES_NPZ = "ood_scores.npz"  # raw per-image scores, to recompute metrics without the model
 PLOTS_DIR = "plots"  # histograms of ID vs OOD scores per score and OOD set
@@ -54,26 +65,30 @@ def _model_device(model: torch.nn.Module) -> torch.device:
 def check_benchmark_inputs(cfg: Any) -> Dict[str, Any]:
     """Validate the OOD settings of ``cfg`` without touching any image.
 
-    Checks the score names, ``OOD.T``, ``OOD.FPR_CONVENTION`` and that every folder of
-    ``OOD.DATASETS`` exists under ``DATASET.ROOT`` (all missing ones named in one error).
+    Checks the score names, ``OOD.T``, ``OOD.FPR_CONVENTION``, that every folder of ``OOD.DATASETS``
+    exists under ``DATASET.ROOT`` (all missing ones named in one error) -- or, with ``OOD.BENCHMARK``,
+    every image list of the benchmark (:func:`check_benchmark_lists`) -- and reads what the scores
+    with extra text features need (a negative-label score's lexicon, ``OOD.NEGLABEL.*``).
 
     Returns:
-        ``{"scores": canonical score names, "ood_folders": {set: folder}, "T": float,
-        "convention": str, "lambda_local": float, "with_local": bool}``.
+        ``{"scores": canonical score names, "ood_folders": {set: folder or image list}, "T": float,
+        "convention": str, "lambda_local": float, "with_local": bool, "benchmark": name or None,
+        "groups": {"near": [sets], "far": [sets]} or None, "text_banks": {score: plan}}``.
 
     Raises:
-        ValueError: unknown score or OOD set, bad temperature or convention, empty lists.
-        FileNotFoundError: OOD folders missing.
+        ValueError: unknown score or OOD set, bad temperature or convention, empty lists, a bad lexicon.
+        FileNotFoundError: OOD folders, image lists or the lexicon missing.
     """
     from locoop.config.checks import check_sections
     from locoop.data.datasets.ood import check_ood_folders
     from locoop.ood.scores import check_lambda_local, get_score, resolve_score_names
+    from locoop.ood.textbank import prepare_text_banks
 
-    check_sections(cfg, ("OOD",))  # T, FPR convention, cache dtype (declared with the config)
+    check_sections(cfg, ("OOD", "OOD.NEGLABEL"))  # T, FPR convention, cache dtype (declared with the config)
     names = list(cfg.OOD.SCORES)
     if not names:
         raise ValueError("OOD.SCORES is empty; list at least one score, e.g. OOD.SCORES \"['MCM', 'GL-MCM']\"")
-    scores = resolve_score_names(names, have_local=True)
+    scores = resolve_score_names(names, have_local=True, have_banks=True)
     T = float(cfg.OOD.T)
     convention = str(cfg.OOD.FPR_CONVENTION).lower()
     sets = list(cfg.OOD.DATASETS)
@@ -81,10 +96,60 @@ def check_benchmark_inputs(cfg: Any) -> Dict[str, Any]:
         raise ValueError("OOD.DATASETS is empty; list the OOD sets, e.g. OOD.DATASETS \"['iNaturalist', 'SUN']\"")
     if not cfg.DATASET.ROOT:
         raise ValueError("DATASET.ROOT is empty; pass --root DATA (the folder holding imagenet/ and the OOD sets)")
-    folders = check_ood_folders(cfg.DATASET.ROOT, sets)
+    benchmark, groups = None, None
+    if str(getattr(cfg.OOD, "BENCHMARK", "") or "").strip():
+        folders, groups = check_benchmark_lists(cfg)
+        benchmark = str(cfg.OOD.BENCHMARK).strip().lower()
+    else:
+        folders = check_ood_folders(cfg.DATASET.ROOT, sets)
     return {"scores": scores, "ood_folders": folders, "T": T, "convention": convention,
             "lambda_local": check_lambda_local(cfg.OOD.LAMBDA_LOCAL),
-            "with_local": any(get_score(s).needs_local for s in scores)}
+            "with_local": any(get_score(s).needs_local for s in scores),
+            "benchmark": benchmark, "groups": groups, "text_banks": prepare_text_banks(cfg, scores)}
+
+
+# ------------------------------------------------------------------------------------ image-list benchmarks
+def check_benchmark_lists(cfg: Any) -> Tuple[Dict[str, str], Dict[str, list]]:
+    """The image lists of ``OOD.DATASETS`` in the benchmark ``OOD.BENCHMARK`` (all missing ones named at once).
+
+    Returns:
+        ``({set: list file}, {"near": [sets], "far": [sets]})`` in the benchmark's order.
+
+    Raises:
+        ValueError: an unknown benchmark or set name. FileNotFoundError: missing lists (with the download hint).
+    """
+    import os
+
+    from locoop.data.datasets.openood import DOWNLOAD_HINT, OPENOOD_LAYOUT, get_openood_benchmark
+
+    bench = get_openood_benchmark(str(cfg.OOD.BENCHMARK))
+    try:
+        names = bench.resolve(list(cfg.OOD.DATASETS))
+    except ValueError as e:
+        raise ValueError(f"OOD.DATASETS: {e}") from None
+    root = os.path.abspath(os.path.expanduser(str(cfg.DATASET.ROOT)))
+    lists = {n: bench.list_for(n).list_path(root) for n in names}
+    missing = [p for p in lists.values() if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(f"OOD.BENCHMARK {bench.name}: image lists not found under DATASET.ROOT {root}: "
+                                + ", ".join(missing) + f"; {DOWNLOAD_HINT}.\n{OPENOOD_LAYOUT}")
+    return lists, bench.groups(names)
+
+
+def benchmark_ood_sets(cfg: Any, names: Optional[Sequence[str]] = None) -> Dict[str, list]:
+    """Items of the OOD sets (label -1): the folders of ``names`` (default ``OOD.DATASETS``) under
+    ``DATASET.ROOT``, or, with ``OOD.BENCHMARK``, the benchmark's image lists of those names.
+
+    Raises:
+        ValueError / FileNotFoundError: unknown names, missing folders or lists, sets without images.
+    """
+    from locoop.data import build_ood_datasets
+    from locoop.data.datasets.openood import build_openood_ood_sets, get_openood_benchmark
+
+    names = list(cfg.OOD.DATASETS) if names is None else list(names)
+    if str(getattr(cfg.OOD, "BENCHMARK", "") or "").strip():
+        return build_openood_ood_sets(str(cfg.DATASET.ROOT), get_openood_benchmark(str(cfg.OOD.BENCHMARK)), names)
+    return build_ood_datasets(cfg.DATASET.ROOT, names)
 
 
 def eval_loader(cfg: Any, items: Sequence, tfm: Any, indices: Optional[Sequence[int]] = None):
@@ -118,8 +183,12 @@ def extraction_amp(cfg: Any, device: Union[str, torch.device], precision: Option
 
 
 def cache_set_name(cfg: Any, set_name: str) -> str:
-    """Name of a set in the feature cache: ``ID-<DATASET.NAME>`` for the ID test set, else the OOD set's."""
-    return f"ID-{cfg.DATASET.NAME}" if set_name == "ID" else set_name
+    """Name of a set in the feature cache: ``ID-<DATASET.NAME>`` for the ID test set, else the OOD set's
+    (``<OOD.BENCHMARK>-<set>`` for an image-list benchmark, so its lists never meet a folder of the same name)."""
+    if set_name == "ID":
+        return f"ID-{cfg.DATASET.NAME}"
+    bench = str(getattr(cfg.OOD, "BENCHMARK", "") or "").strip().lower()
+    return f"{bench}-{set_name}" if bench else set_name
 
 
 def cache_local_dtype(cfg: Any) -> torch.dtype:
@@ -159,6 +228,7 @@ class _Context:
     verbose: bool
     cache: Any = None
     local_dtype: torch.dtype = torch.float16
+    banks: Dict[str, Any] = field(default_factory=dict)  # {score: TextBank} of NegLabel, CSP, ...
     _visual: Optional[list] = None  # the encoder's weight hash, computed at most once
 
 
@@ -247,7 +317,7 @@ def score_set(ctx: _Context, name: str, items: Sequence) -> SetResult:
     for batch in batches:
         batch_scores, batch_preds = score_features(batch, ctx.text_features, ctx.scores, T=ctx.T,
                                                    logit_scale=ctx.logit_scale, lambda_local=ctx.lambda_local,
-                                                   device=ctx.device)
+                                                   device=ctx.device, banks=ctx.banks)
         for s, v in batch_scores.items():
             parts[s].append(v)
         preds.append(batch_preds)
@@ -260,6 +330,41 @@ def score_set(ctx: _Context, name: str, items: Sequence) -> SetResult:
         raise ValueError(f"{name}: none of the {len(items)} images could be read ({len(skipped)} skipped)")
     return SetResult({s: np.concatenate(v) for s, v in parts.items()}, np.concatenate(preds),
                      np.concatenate(labels), sorted(skipped))
+
+
+# ------------------------------------------------------------------------------------ text side
+def build_text_side(cfg: Any, checked: Mapping[str, Any], clip_model: torch.nn.Module, text_features: torch.Tensor,
+                    dataset: Any, device: torch.device, use_cache: bool, verbose: bool) -> Dict[str, Any]:
+    """The extra text features of the scores that need them (``{score: TextBank}``; NegLabel, CSP), built once
+    per evaluation before any image is encoded (:mod:`locoop.ood.textbank`).
+
+    The negative-label banks are cached as text features under the feature-cache folder (``neglabel/``),
+    keyed by the text tower's weights, the lexicon, the recipe and the ID label features, unless
+    ``use_cache`` is False.
+    """
+    plans = checked.get("text_banks") or {}
+    if not plans:
+        return {}
+    from locoop.ood.cache import resolve_cache_dir
+    from locoop.ood.textbank import build_text_banks
+
+    cache_dir = resolve_cache_dir(cfg) if use_cache else None
+    return build_text_banks(plans, clip_model, text_features, list(dataset.classnames), device, cache_dir,
+                            verbose=verbose)
+
+
+def run_bootstrap(cfg: Any, results: Mapping[str, "SetResult"], scores: Sequence[str],
+                  convention: str) -> Optional[Dict[str, Any]]:
+    """Per-run bootstrap intervals over images (``OOD.BOOTSTRAP`` replicates, ``OOD.BOOTSTRAP_SEED``), or None."""
+    n = int(getattr(cfg.OOD, "BOOTSTRAP", 0) or 0)
+    if n < 2:
+        return None
+    from locoop.ood.bootstrap import MCM_METRICS, OPENOOD_METRICS, bootstrap_benchmark
+
+    metrics = list(MCM_METRICS) + (list(OPENOOD_METRICS) if convention == "openood" else [])
+    return bootstrap_benchmark({s: results["ID"].scores[s] for s in scores},
+                               {o: r.scores for o, r in results.items() if o != "ID"}, n_resamples=n,
+                               seed=int(cfg.OOD.BOOTSTRAP_SEED), metrics=metrics)
 
 
 # ------------------------------------------------------------------------------------ records and files
@@ -286,6 +391,12 @@ def benchmark_meta(cfg: Any, checked: Mapping[str, Any], dataset: Any, results: 
         "skipped_images": {n: r.skipped[:50] for n, r in results.items() if r.skipped},
         "openood_metrics_included": checked["convention"] == "openood",
     }
+    if checked.get("benchmark"):
+        from locoop.data.classnames import sha256_file
+
+        full["benchmark"] = checked["benchmark"]
+        full["ood_groups"] = checked.get("groups")
+        full["ood_lists"] = {n: {"file": p, "sha256": sha256_file(p)} for n, p in checked["ood_folders"].items()}
     full.update(dataset_provenance(dataset))
     full.update(dict(meta or {}))  # the caller knows better (e.g. the training few-shot split)
     full["config"] = cfg_to_dict(cfg)
@@ -330,7 +441,8 @@ def run_ood_benchmark(cfg: Any, clip_model: torch.nn.Module, text_features: torc
     Args:
         cfg: config (``DATASET.*``, ``DATALOADER.TEST.BATCH_SIZE``, ``DATALOADER.NUM_WORKERS``,
             ``INPUT.*`` for the test transform, ``OOD.DATASETS``, ``OOD.SCORES``, ``OOD.T``,
-            ``OOD.FPR_CONVENTION``, ``OOD.PLOT``, ``OOD.CACHE_*``).
+            ``OOD.FPR_CONVENTION``, ``OOD.PLOT``, ``OOD.CACHE_*``, ``OOD.BENCHMARK``,
+            ``OOD.BOOTSTRAP*``, ``OOD.NEGLABEL.*``).
         clip_model: CLIP model with ``encode_image(images, return_local=True)`` in eval mode.
         text_features: ``[C, D]`` class text features (normalised or not; normalised here).
         output_dir: where ``ood_results.{md,csv,json}``, ``ood_scores.npz`` and ``plots/`` go.
@@ -349,13 +461,15 @@ def run_ood_benchmark(cfg: Any, clip_model: torch.nn.Module, text_features: torc
         ``{"metrics": {score: {set: {fpr95, auroc, aupr, ...}}} (fractions), "id_accuracy":
         fraction, "files": {md, csv, json, npz}, "plots": [paths], "id_scores": {score: [N]},
         "ood_scores": {set: {score: [M]}}, "num_images": {set: n}, "num_skipped": {set: n},
-        "seconds": float}``.
+        "groups": {"near": [...], "far": [...]} or None, "bootstrap": intervals or None,
+        "text_banks": {score: TextBank}, "seconds": float}`` (``files`` also has ``text_banks``, the
+        ``text_bank_<score>.tsv`` paths, when a score has a bank).
 
     Raises:
-        ValueError / FileNotFoundError: bad settings or missing folders (before any image is
-        encoded); a text-feature count that differs from the dataset's classes.
+        ValueError / FileNotFoundError: bad settings, missing folders, lists or lexicon (before any
+        image is encoded); a text-feature count that differs from the dataset's classes.
     """
-    from locoop.data import build_dataset, build_ood_datasets, build_transform
+    from locoop.data import build_dataset, build_transform
     from locoop.ood.metrics import ood_metrics
     from locoop.ood.results import format_table, write_results
 
@@ -364,7 +478,7 @@ def run_ood_benchmark(cfg: Any, clip_model: torch.nn.Module, text_features: torc
     if dataset is None:
         dataset = build_dataset(cfg, need_train=False)
     _check_text_features(cfg, text_features, dataset)
-    ood_items = build_ood_datasets(cfg.DATASET.ROOT, list(cfg.OOD.DATASETS))
+    ood_items = benchmark_ood_sets(cfg)
     device = torch.device(device) if device is not None else _model_device(clip_model)
     dist.init_from_env(device)  # no-op without torchrun
     main = dist.is_main_process()
@@ -386,6 +500,7 @@ def run_ood_benchmark(cfg: Any, clip_model: torch.nn.Module, text_features: torc
     was_training = clip_model.training
     clip_model.eval()
     try:
+        ctx.banks = build_text_side(cfg, checked, clip_model, ctx.text_features, dataset, device, use_cache, verbose)
         results = {"ID": score_set(ctx, "ID", dataset.test)}
         for set_name, items in ood_items.items():
             results[set_name] = score_set(ctx, set_name, items)
@@ -397,19 +512,38 @@ def run_ood_benchmark(cfg: Any, clip_model: torch.nn.Module, text_features: torc
     include_openood = checked["convention"] == "openood"
     metrics = {s: {o: ood_metrics(id_res.scores[s], r.scores[s], include_openood=include_openood)
                    for o, r in results.items() if o != "ID"} for s in checked["scores"]}
+    groups = checked.get("groups")
     out = {"metrics": metrics, "id_accuracy": id_accuracy, "files": {}, "plots": [], "id_scores": id_res.scores,
            "ood_scores": {o: r.scores for o, r in results.items() if o != "ID"},
            "num_images": {n: r.num_images for n, r in results.items()},
-           "num_skipped": {n: len(r.skipped) for n, r in results.items()}}
+           "num_skipped": {n: len(r.skipped) for n, r in results.items()}, "groups": groups, "bootstrap": None,
+           "text_banks": ctx.banks}
     if main:  # rank 0 writes the files; the others wait for them and return the same numbers
+        from locoop.ood.textbank import describe_text_banks, write_bank_labels
+
         run_dir = Path(output_dir)
         full_meta = benchmark_meta(cfg, checked, dataset, results, ctx.logit_scale, device, precision, meta)
-        files = write_results(run_dir, metrics, meta=full_meta, id_accuracy=id_accuracy)
+        if ctx.banks:
+            full_meta["text_banks"] = describe_text_banks(ctx.banks)
+        out["bootstrap"] = run_bootstrap(cfg, results, checked["scores"], checked["convention"])
+        files = write_results(run_dir, metrics, meta=full_meta, id_accuracy=id_accuracy, groups=groups,
+                              bootstrap=out["bootstrap"])
         out["files"] = dict(files, npz=write_scores_npz(run_dir, results))
+        if ctx.banks:
+            out["files"]["text_banks"] = write_bank_labels(run_dir, ctx.banks)
         if bool(cfg.OOD.PLOT):
             out["plots"] = write_plots(run_dir, results, checked["scores"], metrics)
         if verbose:
             print(format_table(metrics, id_accuracy))
+            if groups:
+                from locoop.ood.groups import format_grouped_table
+
+                print(f"\n{checked['benchmark']}: near / far OOD")
+                print(format_grouped_table(metrics, groups))
+            if out["bootstrap"]:
+                from locoop.ood.bootstrap import format_intervals_table
+
+                print("\n" + format_intervals_table(out["bootstrap"]))
             print(f"\nResults: {files['md']}, {files['csv']}, {files['json']}"
                   + (f"\nHistograms: {run_dir / PLOTS_DIR}/ ({len(out['plots'])} PNG)" if out["plots"] else ""))
     dist.barrier()  # the other ranks return once the files exist

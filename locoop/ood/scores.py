@@ -37,6 +37,13 @@ Definitions and where they come from (read, not copied):
 * ``variance`` (alias ``var``) -- population variance over classes of
   ``softmax(cos / T)`` (MCM: ``np.var(smax, axis=1)``, ddof = 0).
 
+* ``NegLabel`` / ``CSP`` -- negative-label scores (NegLabel, ICLR 2024; CSP, NeurIPS 2024):
+  ``S = sum_k e^(cos_k / tau) / (sum_k e^(cos_k / tau) + sum_j e^(cos(n_j) / tau))`` over the ID labels ``k``
+  and the negative labels ``n_j`` mined from a lexicon, averaged over groups of negatives; the
+  definitions (NegMining, the score, the grouping strategy, CSP's conjugated semantic pool) are in
+  :mod:`locoop.ood.neglabel`. They need extra text features (the negative labels), built once per
+  evaluation by the runner (:mod:`locoop.ood.textbank`) and passed as ``bank_sim`` / ``banks``.
+
 All computation is float32, in chunks of rows so that e.g. 50k images x 196 patches x
 1000 classes never materialises more than ``chunk_elements`` floats per temporary.
 """
@@ -44,7 +51,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -66,12 +73,16 @@ class _ChunkStats:
     """
 
     def __init__(self, global_cos: Optional[torch.Tensor], local_cos: Optional[torch.Tensor],
-                 T: float, logit_scale: float, lambda_local: float):
+                 T: float, logit_scale: float, lambda_local: float,
+                 bank_cos: Optional[Mapping[str, torch.Tensor]] = None, banks: Optional[Mapping[str, Any]] = None):
         self.global_cos = global_cos
         self.local_cos = local_cos
         self.T = T
         self.logit_scale = logit_scale
         self.lambda_local = lambda_local
+        #: per score with a text bank: the chunk's cosines to the bank's features [n, M], and the bank
+        self.bank_cos: Mapping[str, torch.Tensor] = bank_cos or {}
+        self.banks: Mapping[str, Any] = banks or {}
         self._cache: Dict[str, torch.Tensor] = {}
 
     def _get(self, key: str, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -105,12 +116,18 @@ class _ChunkStats:
 
 @dataclass(frozen=True)
 class ScoreSpec:
-    """A registered score: ``fn(stats) -> [n]`` tensor, higher = more ID."""
+    """A registered score: ``fn(stats) -> [n]`` tensor, higher = more ID.
+
+    ``text_bank``: None, or how the extra text features the score needs are checked and built
+    (a :class:`locoop.ood.textbank.TextBankSpec`); the score then reads ``stats.bank_cos[name]`` and
+    ``stats.banks[name]``.
+    """
 
     name: str
     fn: Callable[[_ChunkStats], torch.Tensor]
     needs_local: bool
     description: str
+    text_bank: Any = None
 
 
 def _normalise(name: str) -> str:
@@ -122,20 +139,22 @@ SCORE_REGISTRY = Registry("SCORE", kind="OOD score", plural="scores", normalize=
                           aliases={"var": "variance", "maxcos": "max-logit", "energycos": "energy"})
 
 
-def register_score(name: str, needs_local: bool = False, description: str = ""):
+def register_score(name: str, needs_local: bool = False, description: str = "", text_bank: Any = None):
     """Decorator registering ``fn(stats) -> Tensor[n]`` as a score under ``name``.
 
     Args:
         name: display name (also the key in results files).
         needs_local: True when the score reads per-patch similarities.
         description: one line for ``list_scores`` / help texts.
+        text_bank: for a score that needs extra text features (NegLabel's negative labels), a
+            :class:`locoop.ood.textbank.TextBankSpec` the runner checks and builds; None otherwise.
 
     Raises:
         RegistryError: the name (ignoring case, '-', '_' and spaces) is taken.
     """
 
     def deco(fn: Callable[[_ChunkStats], torch.Tensor]):
-        SCORE_REGISTRY.register(ScoreSpec(name, fn, needs_local, description), name=name)
+        SCORE_REGISTRY.register(ScoreSpec(name, fn, needs_local, description, text_bank), name=name)
         return fn
 
     return deco
@@ -184,13 +203,39 @@ def _score_variance(s: _ChunkStats) -> torch.Tensor:
     return ((p - 1.0 / p.shape[-1]) ** 2).mean(dim=-1)
 
 
-def list_scores(local: Optional[bool] = None) -> List[str]:
+def _negative_label_score(name: str) -> Callable[[_ChunkStats], torch.Tensor]:
+    def fn(s: _ChunkStats) -> torch.Tensor:
+        return s.banks[name].score(s.global_cos, s.bank_cos[name])
+
+    fn.__name__ = f"_score_{name.lower()}"
+    fn.__doc__ = (f"{name}: mean over groups G_g of the negative labels of sum_k e^(id_k / tau) / "
+                  "(sum_k e^(id_k / tau) + sum_(j in G_g) e^(neg_j / tau)), tau = OOD.NEGLABEL.T (0.01), on cosines; "
+                  "see locoop.ood.neglabel")
+    return fn
+
+
+def _register_negative_label_scores() -> None:
+    from locoop.ood.neglabel import NegativeLabelSpec
+
+    for name, recipe, desc in (
+            ("NegLabel", "neglabel", "ID softmax mass against mined negative labels, grouped (Jiang et al. 2024)"),
+            ("CSP", "csp", "NegLabel's score with CSP's conjugated semantic pool (Chen et al. 2024)")):
+        register_score(name, description=desc, text_bank=NegativeLabelSpec(name, recipe))(_negative_label_score(name))
+
+
+_register_negative_label_scores()
+
+
+def list_scores(local: Optional[bool] = None, text_bank: Optional[bool] = None) -> List[str]:
     """Names of the registered scores.
 
     Args:
         local: None for all, True for only those needing local features, False for the others.
+        text_bank: None for all, True for only those needing extra text features (NegLabel, CSP),
+            False for the others.
     """
-    return SCORE_REGISTRY.list(lambda n, s: local is None or s.needs_local == local)
+    return SCORE_REGISTRY.list(lambda n, s: (local is None or s.needs_local == local)
+                               and (text_bank is None or (s.text_bank is not None) == text_bank))
 
 
 def get_score(name: str) -> ScoreSpec:
@@ -205,14 +250,33 @@ def get_score(name: str) -> ScoreSpec:
     return SCORE_REGISTRY.get(name)
 
 
-def resolve_score_names(names: Optional[Union[str, Iterable[str]]], have_local: bool) -> List[str]:
+def _bank_names(have_banks: Union[bool, Iterable[str]]) -> Optional[set]:
+    """Canonical names of the scores whose text banks are given (None = all of them will be)."""
+    if have_banks is True:
+        return None
+    if have_banks is False:
+        return set()
+    return {get_score(n).name for n in have_banks}
+
+
+def resolve_score_names(names: Optional[Union[str, Iterable[str]]], have_local: bool,
+                        have_banks: Union[bool, Iterable[str]] = ()) -> List[str]:
     """Canonical score names for ``names`` (None = every score the inputs allow).
 
+    Args:
+        names: score names, or None.
+        have_local: local similarities are available.
+        have_banks: the scores (names) whose text banks are available, or True when every text bank
+            will be built (the runner's checks).
+
     Raises:
-        ValueError: unknown or duplicate name, or a local score requested without local features.
+        ValueError: unknown or duplicate name, a local score requested without local features, or a
+            score needing extra text features without them.
     """
+    banks = _bank_names(have_banks)
     if names is None:
-        return list_scores() if have_local else list_scores(local=False)
+        return [n for n in (list_scores() if have_local else list_scores(local=False))
+                if get_score(n).text_bank is None or banks is None or n in banks]
     if isinstance(names, str):
         names = [names]
     out: List[str] = []
@@ -223,6 +287,11 @@ def resolve_score_names(names: Optional[Union[str, Iterable[str]]], have_local: 
                 f"score {spec.name!r} needs per-patch similarities but local_sim was not given; "
                 "pass local_sim [N, P, C] (encode_image(..., return_local=True)) or drop "
                 f"{spec.name!r} from the score list")
+        if spec.text_bank is not None and banks is not None and spec.name not in banks:
+            raise ValueError(
+                f"score {spec.name!r} needs its {spec.text_bank.what} (extra text features), which are not given "
+                "here; it is computed by the OOD benchmark (OOD.SCORES of eval, setar-search and setar-finetune), "
+                f"or pass bank_sim / banks for {spec.name!r}; else drop it from the score list")
         if spec.name in out:
             raise ValueError(f"score {spec.name!r} requested twice")
         out.append(spec.name)
@@ -304,6 +373,8 @@ def compute_scores(
     lambda_local: float = 1.0,
     device: Optional[Union[str, torch.device]] = None,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    bank_sim: Optional[Mapping[str, ArrayLike]] = None,
+    banks: Optional[Mapping[str, Any]] = None,
 ) -> Dict[str, np.ndarray]:
     """Compute OOD scores (higher = more ID) from cosine similarities.
 
@@ -318,6 +389,9 @@ def compute_scores(
         lambda_local: weight of L-MCM in GL-MCM (1 in LoCoOp and GL-MCM's default).
         device: where to compute; default the input tensor's device (CPU for numpy).
         chunk_elements: rows are processed in chunks of about this many elements.
+        bank_sim: for scores with a text bank (NegLabel, CSP), ``{score: [N, M] cosines to the bank's
+            features}`` (:mod:`locoop.ood.textbank`).
+        banks: ``{score: its TextBank}``, the same keys.
 
     Returns:
         ``{name: float32 array [N]}`` in the order of ``names``.
@@ -328,20 +402,30 @@ def compute_scores(
     _check_inputs(global_sim, local_sim)
     T, logit_scale = _check_temperature(T, logit_scale)
     lambda_local = _check_lambda(lambda_local)
-    resolved = resolve_score_names(names, have_local=local_sim is not None)
+    banks = {get_score(k).name: v for k, v in (banks or {}).items()}
+    bank_sim = {get_score(k).name: v for k, v in (bank_sim or {}).items()}
+    resolved = resolve_score_names(names, have_local=local_sim is not None, have_banks=set(banks) & set(bank_sim))
     specs = [get_score(n) for n in resolved]
     use_local = any(s.needs_local for s in specs)
     dev = torch.device(device) if device is not None else None
 
     n, c = _shape(global_sim)
-    row_elems = c * (local_sim.shape[1] + 1 if use_local else 1)
+    used_banks = [s.name for s in specs if s.text_bank is not None]
+    for name in used_banks:
+        x = bank_sim[name]
+        if not isinstance(x, (np.ndarray, torch.Tensor)) or x.ndim != 2 or x.shape[0] != n:
+            raise ValueError(f"bank_sim[{name!r}] must be [N, M] cosines with the N = {n} rows of global_sim, got "
+                             f"{_shape(x) if hasattr(x, 'shape') else type(x).__name__}")
+    row_elems = c * (local_sim.shape[1] + 1 if use_local else 1) + sum(int(bank_sim[b].shape[1]) for b in used_banks)
     step = _rows_per_chunk(row_elems, chunk_elements)
     out = {s.name: np.empty(n, dtype=np.float32) for s in specs}
     for lo in range(0, n, step):
         hi = min(n, lo + step)
         g = _to_chunk(global_sim, lo, hi, dev)
         loc = _to_chunk(local_sim, lo, hi, g.device) if use_local else None
-        stats = _ChunkStats(g, loc, float(T), float(logit_scale), float(lambda_local))
+        bcos = {b: _to_chunk(bank_sim[b], lo, hi, g.device) for b in used_banks}
+        stats = _ChunkStats(g, loc, float(T), float(logit_scale), float(lambda_local), bcos,
+                            {b: banks[b] for b in used_banks})
         for s in specs:
             out[s.name][lo:hi] = s.fn(stats).float().cpu().numpy()
     for name, v in out.items():

@@ -264,8 +264,105 @@ def _check_same(docs: Sequence[Mapping[str, Any]], files: Sequence[Path]) -> Non
         raise ValueError(f"ID accuracy is missing in {missing} but present in the other runs")
 
 
+# ------------------------------------------------------------------------------------ bootstrap intervals
+BOOTSTRAP_RESAMPLES = 1000  # default number of replicates of summarize's intervals
+_BOOTSTRAP_TOL = 1e-6  # percent: an interval's estimate must reproduce the run's ood_results.json
+
+
+def bootstrap_summary(files: Sequence[Path], docs: Sequence[Mapping[str, Any]], n_resamples: int = BOOTSTRAP_RESAMPLES,
+                      seed: int = 0, confidence: float = 0.95) -> Dict[str, Any]:
+    """Bootstrap intervals of a summary, from the runs' per-image scores (``ood_scores.npz`` beside each JSON).
+
+    For every score, OOD set (and ``Average``) and metric of the runs' results:
+
+    * ``images``: the interval of the mean over the runs when each run's images are resampled (the runs
+      fixed; with one run, that run's interval over its images);
+    * ``seeds`` (several runs): the interval of the mean when the runs are resampled (their estimates
+      fixed); with 3 seeds it can take at most 10 distinct values.
+
+    Method and random numbers: :mod:`locoop.ood.bootstrap` (``bootstrap_run_dirs``: run ``r`` draws from
+    ``default_rng([seed, r])``). Every interval's estimate is checked against the run's JSON.
+
+    Returns:
+        ``{"units": "percent", "n_resamples", "seed", "confidence", "metrics", "n_runs", "method", "rng",
+        "scores": {score: {set: {metric: {"images": interval, "seeds": interval or None}}}},
+        "per_run": [{"run", "scores": {score: {set: {metric: interval}}}}]}`` (intervals: ``estimate``,
+        ``low``, ``high``, ``se``), or ``{"skipped": reason, ...}`` when a run has no ``ood_scores.npz``.
+
+    Raises:
+        ValueError: per-image scores that do not reproduce their run's results (another evaluation's file).
+    """
+    from locoop.ood.bootstrap import METRICS, bootstrap_run_dirs, to_percent
+
+    head = {"units": "percent", "n_resamples": int(n_resamples), "seed": int(seed), "confidence": float(confidence),
+            "n_runs": len(files)}
+    dirs = [Path(f).parent for f in files]
+    missing = [str(d) for d in dirs if not (d / "ood_scores.npz").is_file()]
+    if missing:
+        return dict(head, skipped=f"no per-image scores (ood_scores.npz) in {', '.join(missing)}; the OOD "
+                                  "evaluation writes them next to ood_results.json")
+    ref = docs[0]["scores"]
+    keys = set(next(iter(next(iter(ref.values())).values())))
+    metrics = [m for m in METRICS if m in keys]
+    res = bootstrap_run_dirs(dirs, scores=list(ref), n_resamples=n_resamples, seed=seed, confidence=confidence,
+                             metrics=metrics)
+    res = {s: to_percent(r) for s, r in res.items()}
+    for s, r in res.items():  # the npz must be the evaluation the JSON reports
+        for f, doc, run in zip(files, docs, r["per_run"]):
+            for o, per in run["sets"].items():
+                for m, iv in per.items():
+                    want = doc["scores"][s][o][m]
+                    if abs(iv["estimate"] - want) > _BOOTSTRAP_TOL:
+                        raise ValueError(f"{Path(f).parent / 'ood_scores.npz'} does not match {f}: {s} {o} {m} is "
+                                         f"{iv['estimate']:.6f} from the per-image scores but {want:.6f} in the "
+                                         "results; both must come from the same evaluation (run eval again)")
+    several = len(files) > 1
+    scores = {s: {o: {m: {"images": r["mean"]["images"][o][m],
+                          "seeds": r["mean"]["seeds"][o][m] if several else None} for m in metrics}
+                  for o in r["mean"]["images"]} for s, r in res.items()}
+    per_run = [{"run": str(f), "scores": {s: r["per_run"][i]["sets"] for s, r in res.items()}}
+               for i, f in enumerate(files)]
+    first = next(iter(res.values()))
+    return dict(head, metrics=metrics, method=first["method"], rng=first["rng"], scores=scores, per_run=per_run)
+
+
+def format_bootstrap_markdown(block: Mapping[str, Any]) -> str:
+    """The ``summary.md`` section of :func:`bootstrap_summary`'s block."""
+    from locoop.ood.bootstrap import format_intervals_markdown
+
+    if block.get("skipped"):
+        return f"## Bootstrap confidence intervals\n\nNot computed: {block['skipped']}.\n"
+    n = int(block["n_runs"])
+    what = (f"the mean over the {n} runs, each run's images resampled (the runs fixed)" if n > 1
+            else "the run's images resampled")
+    out = format_intervals_markdown(block, title="Bootstrap confidence intervals over images", key="images",
+                                    note=f"Interval of {what}; ID and each OOD set resampled separately.")
+    if n > 1:
+        out += "\n" + format_intervals_markdown(
+            block, title="Bootstrap confidence intervals over seeds", key="seeds",
+            note=f"Interval of the mean over runs resampled with replacement ({n} runs: a coarse interval).")
+    return out
+
+
+def format_bootstrap_table(block: Mapping[str, Any]) -> str:
+    """Console text of :func:`bootstrap_summary`'s block."""
+    from locoop.ood.bootstrap import format_intervals_table
+
+    if block.get("skipped"):
+        return f"Bootstrap intervals not computed: {block['skipped']}"
+    conf, n = 100 * float(block["confidence"]), int(block["n_runs"])
+    head = (f"Bootstrap {conf:g} % intervals ({block['n_resamples']} resamples, bootstrap seed {block['seed']}); "
+            "percent, estimate [low, high]")
+    text = format_intervals_table(block, key="images", title=head + "\nover images" + (
+        f" (mean of the {n} runs, the runs fixed):" if n > 1 else ":"))
+    if n > 1:
+        text += "\n\n" + format_intervals_table(block, key="seeds", title=f"over seeds ({n} runs resampled):")
+    return text
+
+
 def summarize_runs(paths: Sequence[PathLike], output_dir: Optional[PathLike] = None, ddof: int = 0,
-                   paper: Optional[str] = None) -> Dict[str, Any]:
+                   paper: Optional[str] = None, bootstrap: int = BOOTSTRAP_RESAMPLES, bootstrap_seed: int = 0,
+                   confidence: float = 0.95) -> Dict[str, Any]:
     """Average several runs' ``ood_results.json`` per score, OOD set and metric.
 
     Args:
@@ -274,11 +371,15 @@ def summarize_runs(paths: Sequence[PathLike], output_dir: Optional[PathLike] = N
         ddof: 0 = population standard deviation (default), 1 = sample.
         paper: id of a published row (:func:`list_paper_rows`) to compare with; the summary then has
             ``paper_comparison`` (:func:`compare_with_paper`), also in the written files.
+        bootstrap: replicates of the bootstrap intervals (:func:`bootstrap_summary`; 1000), 0 = none.
+        bootstrap_seed: their seed.
+        confidence: their coverage (0.95).
 
     Returns:
         The summary: ``scores[score][set][metric] = {"mean", "std", "values"}`` in percent
-        (the ``Average`` row included), ``id_accuracy`` likewise, the run files, and
-        ``files`` (written paths) when ``output_dir`` was given.
+        (the ``Average`` row included), ``id_accuracy`` likewise, the run files, ``bootstrap``
+        (intervals, or why they were skipped) unless ``bootstrap`` is 0, and ``files`` (written paths)
+        when ``output_dir`` was given.
 
     Raises:
         ValueError: no runs, or runs with different scores / OOD sets / conventions; an unknown paper row,
@@ -291,6 +392,12 @@ def summarize_runs(paths: Sequence[PathLike], output_dir: Optional[PathLike] = N
         raise ValueError("no runs given: pass run folders containing ood_results.json")
     if ddof not in (0, 1):
         raise ValueError(f"ddof must be 0 (population std) or 1 (sample std), got {ddof}")
+    if int(bootstrap) == 1 or int(bootstrap) < 0:
+        raise ValueError(f"bootstrap must be 0 (no intervals) or the number of replicates >= 2, got {bootstrap}")
+    if not 0.0 < float(confidence) < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    if int(bootstrap_seed) < 0:
+        raise ValueError(f"bootstrap_seed must be >= 0, got {bootstrap_seed}")
     docs = [read_results(f) for f in files]
     _check_same(docs, files)
 
@@ -319,8 +426,11 @@ def summarize_runs(paths: Sequence[PathLike], output_dir: Optional[PathLike] = N
         values = {str((d.get("meta") or {}).get(key)) for d in docs if (d.get("meta") or {}).get(key)}
         if len(values) == 1:
             summary[key] = meta.get(key)
-    if row is not None:
-        summary["paper_comparison"] = compare_with_paper(summary, row)
+    comparison = compare_with_paper(summary, row) if row is not None else None  # fails before the bootstrap
+    if int(bootstrap) >= 2:
+        summary["bootstrap"] = bootstrap_summary(files, docs, int(bootstrap), int(bootstrap_seed), float(confidence))
+    if comparison is not None:
+        summary["paper_comparison"] = comparison
     if output_dir is not None:
         out = Path(output_dir)
         summary["files"] = {
@@ -349,6 +459,8 @@ def format_summary_markdown(summary: Mapping[str, Any]) -> str:
                 "|---|" + "---:|" * len(keys)]
         for o, m in rows.items():
             out.append(f"| {o} | " + " | ".join(_cell(m[k]) for k in keys) + " |")
+    if summary.get("bootstrap"):
+        out += ["", format_bootstrap_markdown(summary["bootstrap"]).rstrip()]
     if summary.get("paper_comparison"):
         out += ["", format_comparison_markdown(summary["paper_comparison"]).rstrip()]
     return "\n".join(out) + "\n"
@@ -365,6 +477,8 @@ def format_summary_table(summary: Mapping[str, Any]) -> str:
                   f"{'OOD set':<{width}}  " + "  ".join(f"{METRIC_TITLES[k]:>15}" for k in REQUIRED_METRICS)]
         for o, m in rows.items():
             lines.append(f"{o:<{width}}  " + "  ".join(f"{_cell(m[k]):>15}" for k in REQUIRED_METRICS))
+    if summary.get("bootstrap"):
+        lines += ["", format_bootstrap_table(summary["bootstrap"])]
     if summary.get("paper_comparison"):
         lines += ["", format_comparison_table(summary["paper_comparison"])]
     return "\n".join(lines)
