@@ -418,3 +418,18 @@ def test_missing_transformers_gives_one_clear_line(snapshots, monkeypatch):
         msg = str(info.value)
         assert "\n" not in msg and "locoop-ood[swin]" in msg and "transformers >= 4.37" in msg
     assert sys.modules["locoop.models.swinv2"] is fresh
+
+
+def test_is_swinv2_backbone_tells_swin_from_clip(tmp_path):
+    from locoop.models.swinv2 import is_swinv2_backbone, make_tiny_swinv2, save_snapshot
+
+    snap = tmp_path / "swin"
+    save_snapshot(make_tiny_swinv2(num_labels=3), snap)
+    assert is_swinv2_backbone(str(snap))
+    assert is_swinv2_backbone("microsoft/swinv2-base-patch4-window16-256")
+    other = tmp_path / "clip_hf"
+    other.mkdir()
+    (other / "config.json").write_text('{"model_type": "clip"}')
+    (other / "model.safetensors").write_bytes(b"")
+    for name in ("ViT-B/16", "RN50", "tiny-vit", str(other), ""):
+        assert not is_swinv2_backbone(name), name

@@ -82,6 +82,7 @@ __all__ = [
     "require_transformers",
     "default_hub_cache",
     "resolve_snapshot",
+    "is_swinv2_backbone",
     "read_swinv2_config",
     "load_swinv2",
     "build_swin_preprocess",
@@ -212,6 +213,28 @@ def resolve_snapshot(path: PathLike, cache_dir: Optional[PathLike] = None, revis
         return resolve_snapshot(_snapshot_of_repo_folder(p, revision))
     raise FileNotFoundError(f"{p} is not a Hugging Face snapshot: no config.json (and no snapshots/ folder of a "
                             "Hub-cache models--<org>--<name> folder)")
+
+
+def is_swinv2_backbone(name: str) -> bool:
+    """Whether ``MODEL.BACKBONE.NAME`` designates a Swin-V2 classifier rather than a CLIP model.
+
+    True for a folder whose ``config.json`` (or whose Hub-cache snapshot's) says ``model_type
+    "swinv2"``, and for a name that is not a folder but contains ``swinv2`` (a Hub repo id such as
+    ``microsoft/swinv2-base-patch4-window16-256``: :func:`load_swinv2` then finds it in the local
+    cache or says where to put it). CLIP names (``ViT-B/16``, ``RN50``, a ``.pt`` file, an
+    ``openai/clip-*`` snapshot) give False.
+    """
+    text = str(name or "").strip()
+    if not text:
+        return False
+    p = Path(text).expanduser()
+    if p.is_dir():
+        try:
+            cfg_path = resolve_snapshot(p) / "config.json"
+            return json.loads(cfg_path.read_text(encoding="utf-8")).get("model_type") == "swinv2"
+        except (OSError, ValueError):
+            return False
+    return not p.exists() and "swinv2" in text.lower()
 
 
 def read_swinv2_config(snapshot: PathLike) -> Dict[str, Any]:
