@@ -472,3 +472,17 @@ def test_finetune_script_passes_its_arguments(tmp_path, extra, want):
     res = subprocess.run(["bash", os.path.join(REPO, "scripts/setar/finetune.sh"), "DATA"], env=env,
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and "usage" in res.stderr
+
+
+@pytest.mark.parametrize("ft_prompt, search_prompt, used", [
+    ("a photo of a {}", "a photo of a {}.", "a photo of a {}"),  # SeTAR's finetune.py prompt, the default
+    ("", "itap of a {}", "itap of a {}"),  # empty: the search's SETAR.PROMPT_TEMPLATE
+])
+def test_ft_trainer_encodes_setar_ft_prompt_template(data_root, tiny_vit_path, tmp_path, ft_prompt, search_prompt,
+                                                     used):
+    assert get_cfg_default().SETAR.FT.PROMPT_TEMPLATE == "a photo of a {}"
+    cfg = _cfg(data_root, tiny_vit_path, tmp_path / "p", epochs=1, PROMPT_TEMPLATE=ft_prompt)
+    cfg.SETAR.PROMPT_TEMPLATE = search_prompt
+    trainer = _build(cfg)
+    names = list(trainer.dm.dataset.classnames)
+    assert torch.equal(trainer.tokens.cpu(), clip.tokenize([used.replace("{}", c) for c in names]))
