@@ -182,7 +182,8 @@ def test_base_hash_identifies_the_weights(tiny_vit_path, tiny_vit_jit_path):
 @pytest.mark.parametrize("settings, err, match", [
     ([["visual", "W_up", 5, 0.1]], ValueError, "layer index in 0..1"),
     ([["visual", "W_xx", 0, 0.1]], ValueError, "unknown weight type"),
-    ([["visual", "W_up", 0, 1.0]], ValueError, r"\[0, 1\)"),
+    ([["visual", "W_up", 0, 2.5]], ValueError, r"\[0, 1\) .* or a whole number >= 1"),
+    ([["visual", "W_up", 0, 0.1], ["text", "W_up", 1, 64]], ValueError, "which has 64; give at most 63"),
     ([["visual", "W_up", 0, 0.0], ["text", "W_up", 1, 0.001]], ValueError, "nothing to fine-tune"),
     ([["visual", "W_up", 0, 0.1], ["visual", "W_up", 0, 0.2]], ValueError, "already set"),
 ])

@@ -264,7 +264,8 @@ def test_settings_round_trip(tmp_path):
     ([["visual", "W_mlp", 0, 0.1]], "unknown weight type 'W_mlp'; valid weight types: W_q"),
     ([["visual", "W_up", 5, 0.1]], r"layer index in 0\.\.1"),
     ([["visual", "W_up", "5", 0.1]], "block index"),
-    ([["visual", "W_up", 0, 1.0]], r"\[0, 1\)"),
+    ([["visual", "W_up", 0, 1.5]], r"\[0, 1\) .* or a whole number >= 1"),
+    ([["visual", "W_up", 0, 64]], r"which has 64; give at most 63"),  # an absolute rank (SeTAR's) too large
     ([["visual", "W_up", 0, 0.999]], "all of them"),
     ([["text", "W_p", 3, 0.1]], "W_p has no layer"),
     ([["visual", "W_up", 0, 0.1], ["visual", "W_up", 0, 0.2]], "already set by entry 0"),
