@@ -199,3 +199,25 @@ def test_unknown_json_key_is_refused_with_the_known_ones(tmp_path):
 def test_values_we_cannot_honour_are_refused_with_the_reason(tmp_path, key, value, match):
     with pytest.raises(ValueError, match=f"{key} = .* cannot be honoured: .*{match}"):
         merge_from_file(get_cfg_default(), str(_write(tmp_path / "r.json", {**FINETUNE, key: value})))
+
+
+def test_our_config_best_json_is_setars_shape_and_reads_back(tmp_path, tiny_vit_path):
+    from locoop.config.setar_json import save_setar_config_best
+
+    cfg = merge_from_file(get_cfg_default(), os.path.join(REPO, "configs", "setar", "voc", "SeTAR.yaml"))
+    cfg.MODEL.BACKBONE.NAME = "ViT-L/14"
+    cfg.SETAR.PRUNE_TYPE = "large"
+    path = save_setar_config_best(str(tmp_path / "config_best.json"), cfg, SETTINGS)
+    doc = json.loads(path.read_text())
+    assert set(doc) <= set(KEYS) and doc["lora_settings"] == SETTINGS
+    assert (doc["id_dataset"], doc["model_name"], doc["model_type"]) == ("ID_VOC", "openai/clip-vit-large-patch14",
+                                                                         "CLIP")
+    assert (doc["temperature"], doc["lora_svd_init_type"], doc["split"]) == (100.0, "large", "test")
+    assert [list(s) for s in load_settings(path)] == SETTINGS
+    back = merge_from_file(get_cfg_default(), str(path))  # and as a SeTAR JSON config
+    assert (back.DATASET.NAME, back.MODEL.BACKBONE.NAME, back.SETAR.PRUNE_TYPE, back.OOD.T) == (
+        "PascalVOC", "ViT-L/14", "large", 1.0)
+    assert back.SETAR.SETTINGS_FILE == str(path) and list(back.OOD.SCORES) == ["MCM", "GL-MCM"]
+    cfg.MODEL.BACKBONE.NAME = tiny_vit_path  # a checkpoint path is SeTAR's "model name or path"
+    assert merge_from_file(get_cfg_default(), str(save_setar_config_best(
+        str(tmp_path / "p.json"), cfg, SETTINGS))).MODEL.BACKBONE.NAME == tiny_vit_path

@@ -331,6 +331,11 @@ def test_search_script_end_to_end(tmp_path):
                                          ["text", "W_up", 0]]
     progress = json.loads((out / "search_progress.json").read_text())
     assert progress["complete"] is True and progress["settings"] == settings
+    # the same settings in SeTAR's config_best.json shape, read back by --settings
+    setar_best = json.loads((out / "config_best.json").read_text())
+    assert setar_best["lora_settings"] == settings and setar_best["id_dataset"] == "ID_ImageNet1K"
+    assert setar_best["temperature"] == 100.0 and setar_best["scorers"] == ["mcm_score", "gl_mcm_score"]
+    assert [list(s) for s in load_settings(out / "config_best.json")] == settings
     summary = json.loads((out / "search_summary.json").read_text())
     assert summary["final"] <= summary["baseline"]
     results = json.loads((out / "ood_results.json").read_text())

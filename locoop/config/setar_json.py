@@ -23,6 +23,9 @@ Three kinds of keys:
 An unknown key is refused with the list of known ones (as SeTAR's own loader refuses it).
 ``lora_settings`` (a list) makes the file its own settings file: ``SETAR.SETTINGS_FILE`` is set
 to the JSON itself, which :func:`locoop.setar.settings.load_settings` reads.
+
+The other way, :func:`save_setar_config_best` writes a run's settings as SeTAR's
+``config_best.json`` (``setar-search`` does so beside ``best_settings.json``).
 """
 from __future__ import annotations
 
@@ -31,7 +34,8 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
-__all__ = ["KEYS", "FT_KEYS", "CLIP_MODELS", "ID_DATASETS", "setar_json_to_cfg", "merge_setar_json"]
+__all__ = ["KEYS", "FT_KEYS", "CLIP_MODELS", "ID_DATASETS", "CONFIG_BEST_FILE", "setar_json_to_cfg", "merge_setar_json",
+           "setar_config_best", "save_setar_config_best"]
 
 #: SeTAR's CLIP model names -> our MODEL.BACKBONE.NAME (a Swin-V2 repo id is kept as it is).
 CLIP_MODELS = {
@@ -142,11 +146,11 @@ def _model_name(value: Any, ctx: _Ctx, key: str) -> Out:
 
     if value in CLIP_MODELS:
         return {"MODEL.BACKBONE.NAME": CLIP_MODELS[value]}
-    if is_swinv2_backbone(str(value)):
+    if is_swinv2_backbone(str(value)) or os.path.exists(str(value)):  # SeTAR: "model name or path"
         return {"MODEL.BACKBONE.NAME": str(value)}
-    raise ctx.refuse(key, value, f"known model names: {', '.join(CLIP_MODELS)} and Swin-V2 repo ids "
-                                 "(e.g. microsoft/swinv2-base-patch4-window16-256); for another checkpoint set "
-                                 "MODEL.BACKBONE.NAME after --config-file")
+    raise ctx.refuse(key, value, f"known model names: {', '.join(CLIP_MODELS)}, Swin-V2 repo ids "
+                                 "(e.g. microsoft/swinv2-base-patch4-window16-256) and existing checkpoint paths; "
+                                 "or set MODEL.BACKBONE.NAME after --config-file")
 
 
 def _model_type(value: Any, ctx: _Ctx, key: str) -> Out:
@@ -358,3 +362,50 @@ def merge_setar_json(cfg: Any, path: str) -> Any:
             node = node.setdefault(part, {})
         node[leaf] = value
     return merge_from_dict(cfg, nested, source=f"in {path} (SeTAR's JSON config, mapped)")
+
+
+#: The file our search writes beside best_settings.json, in SeTAR's shape (see :func:`save_setar_config_best`).
+CONFIG_BEST_FILE = "config_best.json"
+
+
+def setar_config_best(cfg: Any, settings: Any, model_type: Optional[str] = None) -> Dict[str, Any]:
+    """The settings of a run as SeTAR's ``config_best.json``: SeTAR's argument names, ``lora_settings`` last.
+
+    Only the arguments with a SeTAR equivalent are written (the reverse of :data:`KEYS`): the ID
+    dataset, the test split, batch size, seed, the scorers SeTAR has, its temperature, the model,
+    the prune type and the settings. SeTAR's ``test_ood.py --config_file`` reads it (its other
+    arguments at SeTAR's defaults); here ``--settings`` and ``--config-file`` read it back.
+
+    Args:
+        cfg: the run's config.
+        settings: ``[[tower, weight_type, layer, ratio], ...]``.
+        model_type: SeTAR's model type; default ``SwinTransformerV2`` for a Swin-V2 backbone, else ``CLIP``.
+    """
+    from locoop.models.swinv2 import is_swinv2_backbone
+
+    name = str(cfg.MODEL.BACKBONE.NAME)
+    swin = is_swinv2_backbone(name)
+    out: Dict[str, Any] = {}
+    ids = {ours: theirs for theirs, (ours, _f, _o) in ID_DATASETS.items()}
+    if str(cfg.DATASET.NAME) in ids:
+        out["id_dataset"] = ids[str(cfg.DATASET.NAME)]
+    scorers = {ours: theirs for theirs, ours in SCORES.items()}
+    out.update({"split": "test", "batch_size": int(cfg.DATALOADER.TEST.BATCH_SIZE), "seed": int(cfg.SEED),
+                "scorers": [scorers[s] for s in cfg.OOD.SCORES if s in scorers],
+                "temperature": float(cfg.OOD.T) if swin else float(cfg.OOD.T) * 100.0, "recall_level": 0.95,
+                "model_name": {ours: theirs for theirs, ours in CLIP_MODELS.items()}.get(name, name),
+                "model_type": model_type or ("SwinTransformerV2" if swin else "CLIP"), "lora_svd_init": True,
+                "lora_svd_init_type": str(cfg.SETAR.PRUNE_TYPE), "lora_settings": [list(s) for s in settings]})
+    return out
+
+
+def save_setar_config_best(path: str, cfg: Any, settings: Any, model_type: Optional[str] = None) -> Path:
+    """Write :func:`setar_config_best` atomically, one settings entry per line."""
+    from locoop.engine.fileio import atomic_write_text
+
+    doc = setar_config_best(cfg, settings, model_type)
+    entries = doc.pop("lora_settings")
+    head = ",\n".join(f"    {json.dumps(k)}: {json.dumps(v)}" for k, v in doc.items())
+    body = ",\n".join("        " + json.dumps(e) for e in entries)
+    text = "{\n" + head + ',\n    "lora_settings": [' + ("\n" + body + "\n    " if entries else "") + "]\n}\n"
+    return atomic_write_text(path, text)
