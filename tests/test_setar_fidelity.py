@@ -221,3 +221,26 @@ def test_our_config_best_json_is_setars_shape_and_reads_back(tmp_path, tiny_vit_
     cfg.MODEL.BACKBONE.NAME = tiny_vit_path  # a checkpoint path is SeTAR's "model name or path"
     assert merge_from_file(get_cfg_default(), str(save_setar_config_best(
         str(tmp_path / "p.json"), cfg, SETTINGS))).MODEL.BACKBONE.NAME == tiny_vit_path
+
+
+def test_setar_search_command_takes_setars_json(tmp_path, tiny_vit_path, capsys):
+    from locoop.cli import main
+    from locoop.data.synthetic import make_imagenet_like, make_ood_sets
+
+    make_imagenet_like(str(tmp_path / "data"), num_classes=3, train_per_class=1, val_per_class=2, image_size=(32, 32))
+    make_ood_sets(str(tmp_path / "data"), names=["iNaturalist", "SUN", "Places", "Texture"], per_set=2,
+                  image_size=(32, 32))
+    settings = [["visual", "W_up", 1, 5], ["text", "W_up", 0, 0.25]]  # an absolute rank among them
+    cb = _write(tmp_path / "config_best.json", _setar_args(model_name=tiny_vit_path, lora_settings=settings,
+                                                           batch_size=4, device="cpu"))
+    argv = ["setar-search", "--root", str(tmp_path / "data"), "--config-file", str(cb), "--output-dir",
+            str(tmp_path / "out"), "INPUT.SIZE", "(32, 32)", "DATALOADER.NUM_WORKERS", "0", "OOD.PLOT", "False",
+            "VERBOSE", "False"]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert [list(s) for s in load_settings(tmp_path / "out" / "best_settings.json")] == settings
+    doc = json.loads((tmp_path / "out" / "ood_results.json").read_text())
+    assert doc["meta"]["setar"]["settings"] == settings and set(doc["scores"]) == {"MCM", "GL-MCM"}
+    bad = _write(tmp_path / "bad.json", _setar_args(model_name=tiny_vit_path, lora_rank=4))
+    assert main(argv[:4] + [str(bad)] + argv[5:]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key(s) 'lora_rank'; known keys: data_root" in err and "Traceback" not in err
