@@ -238,6 +238,7 @@ def test_setar_search_command_takes_setars_json(tmp_path, tiny_vit_path, capsys)
             "VERBOSE", "False"]
     assert main(argv) == 0, capsys.readouterr().err
     assert [list(s) for s in load_settings(tmp_path / "out" / "best_settings.json")] == settings
+    assert '["visual", "W_up", 1, 5]' in (tmp_path / "out" / "config_best.json").read_text()  # an int, as SeTAR's
     doc = json.loads((tmp_path / "out" / "ood_results.json").read_text())
     assert doc["meta"]["setar"]["settings"] == settings and set(doc["scores"]) == {"MCM", "GL-MCM"}
     bad = _write(tmp_path / "bad.json", _setar_args(model_name=tiny_vit_path, lora_rank=4))

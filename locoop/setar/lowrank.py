@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -130,17 +130,18 @@ def get_linear(model: nn.Module, tower: str, weight_type: str, layer: Optional[i
     return getattr(getattr(transformer.resblocks[layer], first), second)
 
 
-def check_ratio(ratio: float, what: str = "ratio") -> float:
-    """Validate a pruning ratio and return it as float.
+def check_ratio(ratio: float, what: str = "ratio") -> Union[float, int]:
+    """Validate a pruning ratio: a float in [0, 1), or an int for an absolute rank.
 
     A number in [0, 1) is the fraction of singular components to remove; a whole number >= 1 is
-    the number of components itself (an absolute rank, as in SeTAR's ``lora_settings``).
+    the number of components itself (an absolute rank, as in SeTAR's ``lora_settings``), returned
+    as an int so that files write it as SeTAR does (``5``, which SeTAR's code requires to be an int).
     """
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
         raise ValueError(f"{what} must be a number in [0, 1) or a whole number of components >= 1, got {ratio!r}")
     r = float(ratio)
     if math.isfinite(r) and r >= 1.0 and r == int(r):
-        return r
+        return int(r)
     if not 0.0 <= r < 1.0:
         raise ValueError(f"{what} must be in [0, 1) (the fraction of singular components to remove) or a whole "
                          f"number >= 1 (how many to remove, as SeTAR's absolute ranks), got {ratio!r}")
