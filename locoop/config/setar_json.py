@@ -17,6 +17,9 @@ Three kinds of keys:
   divides ``100 * cos`` by it and our T divides the cosine);
 * where-to-run keys with no effect on the numbers, read but not used (``data_root``,
   ``exp_name``, ``log_directory``: give ``--root`` / ``--output-dir``);
+* ``lora_alpha``: read, but SeTAR's ``finetune.py`` never passes it to its LoRA config, so its LoRA
+  runs have peft's default alpha 8; a LoRA file here gets ``SETAR.FT.LORA_ALPHA 8`` too (set the
+  key after the file for the file's value);
 * keys whose value we cannot honour (``use_pred_label true``, ``gradient_accumulation_steps 2``,
   warm-up steps, ``model_type LoCoOp``, ...): refused with the reason.
 
@@ -61,6 +64,8 @@ TARGET_MODULES = {"self_attn.q_proj": "W_q", "self_attn.k_proj": "W_k", "self_at
                   "self_attn.out_proj": "W_o", "mlp.fc1": "W_up", "mlp.fc2": "W_down",
                   "attention.self.query": "W_q", "attention.self.key": "W_k", "attention.self.value": "W_v",
                   "attention.output.dense": "W_o", "intermediate.dense": "W_up", "output.dense": "W_down"}
+#: The LoRA alpha of SeTAR's LoRA runs: peft's LoraConfig default (its finetune.py never passes lora_alpha).
+PEFT_DEFAULT_ALPHA = 8
 #: Keys only SeTAR's finetune.py has: one of them makes the file a fine-tuning config.
 FT_KEYS = ("num_train_epochs", "max_train_steps", "gradient_accumulation_steps", "learning_rate", "weight_decay",
            "momentum", "lr_scheduler_type", "num_warmup_steps", "logging_steps")
@@ -168,8 +173,9 @@ def _model_type(value: Any, ctx: _Ctx, key: str) -> Out:
 def _lora_svd_init(value: Any, ctx: _Ctx, key: str) -> Out:
     if not isinstance(value, bool):
         raise ctx.refuse(key, value, "true or false")
-    if ctx.finetune:  # SVD-initialised adapters (SeTAR+FT) or plain LoRA (the baseline)
-        return {"TRAINER.NAME": "SeTARFT" if value else "LoRA", "SETAR.FT.ADAPTER": "setar" if value else "lora"}
+    if ctx.finetune:  # SVD-initialised adapters (SeTAR+FT) or plain LoRA (the baseline), alpha as _lora_alpha
+        return {"TRAINER.NAME": "SeTARFT" if value else "LoRA", "SETAR.FT.ADAPTER": "setar" if value else "lora",
+                **({} if value else {"SETAR.FT.LORA_ALPHA": PEFT_DEFAULT_ALPHA})}
     if not value and (ctx.searching or ctx.has_settings):
         raise ctx.refuse(key, value, "the training-free search and given lora_settings prune the weights "
                                      "(lora_svd_init true)")
@@ -258,6 +264,13 @@ def _positive_or_none(ours: str) -> Callable[[Any, _Ctx, str], Out]:
     return lambda value, ctx, key: {} if value is None else {ours: value}
 
 
+def _lora_alpha(value: Any, ctx: _Ctx, key: str) -> Out:
+    # SeTAR's finetune.py builds its LoRA config from r and target_modules only, so its LoRA runs have
+    # peft's default alpha 8 whatever the file says: we do the same (set SETAR.FT.LORA_ALPHA after the
+    # file for the file's value).
+    return {"SETAR.FT.LORA_ALPHA": PEFT_DEFAULT_ALPHA} if ctx.finetune else {}
+
+
 #: Every key SeTAR's configs (and the config_*.json it saves) hold -> its mapping.
 KEYS: Dict[str, Callable[[Any, _Ctx, str], Out]] = {
     "data_root": _unused, "exp_name": _unused, "log_directory": _unused,
@@ -296,7 +309,7 @@ KEYS: Dict[str, Callable[[Any, _Ctx, str], Out]] = {
     "num_warmup_steps": _warmup,
     "logging_steps": _positive_or_none("TRAIN.PRINT_FREQ"),
     "lora_r": _positive_or_none("SETAR.FT.LORA_RANK"),
-    "lora_alpha": _positive_or_none("SETAR.FT.LORA_ALPHA"),
+    "lora_alpha": _lora_alpha,
     "target_modules": _target_modules,
 }
 
