@@ -8,7 +8,11 @@ first (``configs/setar/{imagenet,voc}/SeTAR.yaml`` for a training-free file,
 ``configs/setar/finetune/{imagenet,voc}/{SeTAR+FT,LoRA}.yaml`` for a fine-tuning one -- they carry
 the protocol points SeTAR's code fixes and its JSON does not state: preprocessing, optimiser, the
 class prompt), then the JSON's keys through :data:`KEYS`. A key absent from the JSON keeps that
-shipped config's value (SeTAR's published values), not SeTAR's argparse default.
+shipped config's value (SeTAR's published values), not SeTAR's argparse default. For a Swin-V2
+``model_name`` the base is the same CLIP config (no Swin-V2 SeTAR config is shipped), so its
+``INPUT`` values are CLIP's: SeTAR's Swin-V2 transform (:func:`locoop.models.swinv2.build_swin_preprocess`)
+is for the Swin-V2 path of the commands to apply; a search's benchmark scores become SeTAR's Swin-V2
+ones (MCM, energy).
 
 Three kinds of keys:
 
@@ -64,6 +68,8 @@ TARGET_MODULES = {"self_attn.q_proj": "W_q", "self_attn.k_proj": "W_k", "self_at
                   "self_attn.out_proj": "W_o", "mlp.fc1": "W_up", "mlp.fc2": "W_down",
                   "attention.self.query": "W_q", "attention.self.key": "W_k", "attention.self.value": "W_v",
                   "attention.output.dense": "W_o", "intermediate.dense": "W_up", "output.dense": "W_down"}
+#: The benchmark scores of SeTAR's Swin-V2 search results (its swin_base config_best.json: mcm, energy).
+SWIN_TEST_SCORES = ("MCM", "energy")
 #: The LoRA alpha of SeTAR's LoRA runs: peft's LoraConfig default (its finetune.py never passes lora_alpha).
 PEFT_DEFAULT_ALPHA = 8
 #: Keys only SeTAR's finetune.py has: one of them makes the file a fine-tuning config.
@@ -341,6 +347,8 @@ def setar_json_to_cfg(data: Any, source: str, path: Optional[str] = None) -> Tup
     out: Out = {}
     for key, value in data.items():
         out.update(KEYS[key](value, ctx, key))
+    if ctx.swin and "OOD.SCORES" not in out:
+        out["OOD.SCORES"] = list(SWIN_TEST_SCORES)  # the shipped configs' MCM / GL-MCM are CLIP's
     _name, folder, _ood = ID_DATASETS.get(str(data.get("id_dataset", "ID_ImageNet1K")), ID_DATASETS["ID_ImageNet1K"])
     if ctx.finetune:
         lora = data.get("lora_svd_init", True) is False
