@@ -57,6 +57,14 @@ def test_default_and_shipped_setar_configs_carry_setars_prompt():
             assert '    PROMPT_TEMPLATE: "a photo of a {}"  #' in text and cfg.SETAR.FT.PROMPT_TEMPLATE == SETAR_PROMPT
 
 
+def test_shipped_lora_configs_use_the_alpha_setar_ran():
+    # SeTAR's finetune.py builds its LoRA config without lora_alpha: peft's default 8 is what ran.
+    files = sorted(glob.glob(os.path.join(REPO, "configs", "setar", "finetune", "**", "LoRA.yaml"), recursive=True))
+    assert files
+    for f in files:
+        assert merge_from_file(get_cfg_default(), f).SETAR.FT.LORA_ALPHA == 8, f
+
+
 def test_ft_prompt_key_is_checked():
     c = get_cfg_default()
     c.SETAR.FT.PROMPT_TEMPLATE = ""  # the search's prompt
