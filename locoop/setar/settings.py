@@ -7,6 +7,9 @@ Example::
 
     [["visual", "W_up", 11, 0.35], ["visual", "W_up", 10, 0.0], ["text", "W_p", null, 0.1]]
 
+For a Swin-V2 classifier ``layer`` is SeTAR's ``[stage, block]`` (``["visual", "W_up", [3, 1], 0.4]``);
+:func:`validate_settings` returns it as a tuple ``(3, 1)``.
+
 Settings are validated against the model before anything is applied: unknown tower or weight
 type, a layer the tower does not have, a ratio outside ``[0, 1)`` or one removing every component,
 and a matrix listed twice are errors naming the entry.
@@ -35,12 +38,12 @@ from torch import nn
 
 from locoop.engine.fileio import atomic_write_text
 
-from .lowrank import TOWERS, WEIGHT_TYPES, LowRankEditor, check_ratio, get_linear, n_removed
+from .lowrank import TOWERS, WEIGHT_TYPES, LowRankEditor, check_ratio, get_linear, n_removed, normalize_layer
 
 __all__ = ["Setting", "SETTINGS_FORMAT", "PROGRESS_FORMAT", "SETTINGS_FORMS", "validate_settings", "load_settings",
            "save_settings", "save_best_settings", "apply_settings", "nonzero"]
 
-Setting = Tuple[str, str, Optional[int], float]
+Setting = Tuple[str, str, Union[int, Tuple[int, int], None], float]  # layer: CLIP block, Swin (stage, block), None (W_p)
 
 SETTINGS_FORMAT = "locoop.setar.settings"  # best_settings.json of a finished search
 PROGRESS_FORMAT = "locoop.setar.search_progress"  # search_progress.json of a search (see outputs.py)
@@ -87,8 +90,15 @@ def validate_settings(settings: Iterable, model: Optional[nn.Module] = None,
         if weight_type == "W_p":
             if layer is not None:
                 raise _entry_error(i, entry, "W_p has no layer; write null", source)
+        elif isinstance(layer, (list, tuple)):
+            # SeTAR's Swin-V2 naming [stage, block]; whether the model has it is checked below.
+            if len(layer) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in layer):
+                raise _entry_error(i, entry, f"a Swin-V2 layer is [stage, block] (two ints >= 0), got {layer!r}",
+                                   source)
+            layer = normalize_layer(list(layer))
         elif isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
-            raise _entry_error(i, entry, f"layer must be a block index >= 0, got {layer!r}", source)
+            raise _entry_error(i, entry, f"layer must be a block index >= 0 (a Swin-V2's: [stage, block]), got "
+                               f"{layer!r}", source)
         try:
             r = check_ratio(ratio)
         except ValueError as err:
