@@ -42,12 +42,7 @@ SWIN_RANKS = {("visual", "W_up", (1, 1)): 8, ("visual", "W_q", (0, 0)): 5, ("vis
               ("visual", "W_v", (0, 1)): 2}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def swin(seed=0, num_labels=NUM_CLASSES):
