@@ -173,6 +173,7 @@ def _cfg(root, out, trainer="SeTARFT", backbone=None, epochs=1, settings=None):
     cfg.DATASET.ROOT = str(root)
     cfg.DATASET.NUM_SHOTS = 2
     cfg.DATASET.VAL_SPLIT_FILE = str(root / "val.json")
+    cfg.INPUT.SIZE = (32, 32)  # the tiny snapshot's image_size (SeTAR's configs: 256)
     cfg.DATALOADER.NUM_WORKERS = 0
     cfg.DATALOADER.TRAIN_X.BATCH_SIZE = 2
     cfg.DATALOADER.TEST.BATCH_SIZE = 8
@@ -205,10 +206,10 @@ def _hand_locoop_loss(logits, local, labels, lam, top_k):
 
 def test_swin_setar_ft_trainer_one_step(swin_root, tmp_path):
     trainer = _build(_cfg(swin_root, tmp_path / "ft"))
-    assert trainer.is_swin and trainer.clip_model is None and trainer.text_features() is None
+    assert trainer.is_swin and trainer.clip_model is trainer.swin_model and trainer.text_features() is None
     assert trainer.adapters.ranks() == SWIN_RANKS
     assert trainer.lam == 0.01 and trainer.cfg.SETAR.FT.TOPK == 2  # the config's lambda, our tiny top-K
-    # SeTAR's Swin transforms at the snapshot's image size (32), not INPUT's 256
+    # SeTAR's Swin transforms (build_transform picks them for a Swin-V2 backbone) at INPUT.SIZE
     assert len(trainer.train_loader_x.dataset) == NUM_CLASSES  # the one-image-per-class val split
     batch = next(iter(trainer.train_loader_x))
     assert tuple(batch["img"].shape[1:]) == (3, 32, 32)
@@ -343,21 +344,59 @@ def test_tiny_vit_l14_forward_backward_and_setar_ft():
 
 
 # ====================================================================================== command
-def test_swin_finetune_command_no_test(swin_root, tmp_path):
+def test_swin_finetune_command_end_to_end(swin_root, tmp_path):
+    """setar-finetune on a tiny Swin-V2 snapshot: fine-tune, then the shared OOD benchmark (the runner's
+    classifier path), the same result files as CLIP; a rerun and a --model-dir test give the same scores."""
+    import numpy as np
+
     from locoop.cli import main
 
     out = tmp_path / "cmd"
-    argv = ["setar-finetune", "--root", str(swin_root), "--config-file",
-            os.path.join(REPO, "configs/setar/finetune/imagenet/swin_base/SeTAR+FT.yaml"), "--output-dir", str(out),
-            "--settings", str(swin_root / "settings.json"), "--no-test",
-            "MODEL.BACKBONE.NAME", str(swin_root / "swin"), "MODEL.DEVICE", "cpu", "DATASET.VAL_SPLIT_FILE",
-            str(swin_root / "val.json"), "DATALOADER.NUM_WORKERS", "0", "DATALOADER.TRAIN_X.BATCH_SIZE", "2",
-            "OPTIM.MAX_EPOCH", "1", "OOD.DATASETS", str(OOD_SETS), "SETAR.FT.TOPK", "2", "VERBOSE", "False"]
+    cfg_file = os.path.join(REPO, "configs/setar/finetune/imagenet/swin_base/SeTAR+FT.yaml")
+    overrides = ["MODEL.BACKBONE.NAME", str(swin_root / "swin"), "MODEL.DEVICE", "cpu", "DATASET.VAL_SPLIT_FILE",
+                 str(swin_root / "val.json"), "INPUT.SIZE", "(32, 32)", "DATALOADER.NUM_WORKERS", "0",
+                 "DATALOADER.TRAIN_X.BATCH_SIZE", "2", "OPTIM.MAX_EPOCH", "1", "OOD.DATASETS", str(OOD_SETS),
+                 "OOD.PLOT", "False", "SETAR.FT.TOPK", "2", "VERBOSE", "False"]
+    argv = ["setar-finetune", "--root", str(swin_root), "--config-file", cfg_file, "--output-dir", str(out),
+            "--settings", str(swin_root / "settings.json")] + overrides
     assert main(argv) == 0
-    for name in ("run_info.json", "finetune_settings.json", "config.yaml", "adapters/model.pth.tar-1"):
+    for name in ("ood_results.json", "ood_results.md", "ood_results.csv", "ood_scores.npz", "run_info.json",
+                 "finetune_settings.json", "config.yaml", "adapters/model.pth.tar-1"):
         assert (out / name).is_file(), name
+    results = json.loads((out / "ood_results.json").read_text())
+    text = json.dumps(results)
+    assert "GL-MCM" in text and "iNaturalist" in text and "Texture" in text and "id_accuracy" in results
     saved = json.loads((out / "finetune_settings.json").read_text())
     assert saved == [s for s in SWIN_SETTINGS if s[3] > 0]
     assert load_settings(str(out / "finetune_settings.json"), swin())[0][2] == (1, 1)
     info = json.loads((out / "run_info.json").read_text())
     assert info["adapters"]["kind"] == "setar" and info["trainer"] == "SeTARFT"
+    # testing the finished run from its folder alone (no settings): the same scores
+    again = tmp_path / "again"
+    assert main(["setar-finetune", "--root", str(swin_root), "--config-file", cfg_file, "--model-dir", str(out),
+                 "--output-dir", str(again)] + overrides) == 0
+    assert json.loads((again / "ood_results.json").read_text())["id_accuracy"] == results["id_accuracy"]
+    a, b = np.load(out / "ood_scores.npz"), np.load(again / "ood_scores.npz")
+    assert sorted(a.files) == sorted(b.files) and "Texture/GL-MCM" in a.files
+    for k in a.files:
+        np.testing.assert_allclose(a[k], b[k], atol=1e-5)
+    # the ID scores are those of the fine-tuned classifier, written out (T 100 on the raw logits)
+    evaluator = _build(_cfg(swin_root, tmp_path / "hand", settings=""))
+    evaluator.load_model(str(out))
+    evaluator.set_model_mode("eval")
+    logits, local, labels = [], [], []
+    with torch.no_grad():
+        for batch in evaluator.test_loader:
+            g, loc = evaluator.swin_model(batch["img"], return_local=True)
+            logits.append(g), local.append(loc), labels.append(batch["label"])
+    logits, local, labels = torch.cat(logits), torch.cat(local), torch.cat(labels)
+    mcm = torch.softmax(logits / 100.0, dim=-1).max(-1).values
+    gl_mcm = mcm + torch.softmax(local / 100.0, dim=-1).amax(dim=(1, 2))
+    np.testing.assert_array_equal(a["id_labels"], labels.numpy())
+    np.testing.assert_allclose(a["ID/MCM"], mcm.numpy(), atol=1e-6)
+    np.testing.assert_allclose(a["ID/GL-MCM"], gl_mcm.numpy(), atol=1e-6)
+    # fine-tuning only
+    only = tmp_path / "only"
+    assert main(["setar-finetune", "--root", str(swin_root), "--config-file", cfg_file, "--output-dir", str(only),
+                 "--settings", str(swin_root / "settings.json"), "--no-test"] + overrides) == 0
+    assert (only / "adapters" / "model.pth.tar-1").is_file() and not (only / "ood_results.json").exists()

@@ -18,6 +18,10 @@
    accuracy): ``ood_results.{md,csv,json}``, ``ood_scores.npz``, ``plots/``. ``--no-test`` stops
    after training.
 
+The backbone may be a CLIP (``ViT-B/16``, ``ViT-L/14``, ...) or a Swin-V2 classifier snapshot
+(``configs/setar/finetune/imagenet/swin_base/``): the runner then scores the adapted classifier's
+own logits (``trainer.text_features()`` is None), with the same result files.
+
 ``--model-dir RUN [--load-epoch N]`` skips training and tests a finished run (results in
 ``--output-dir``, default ``RUN``); the adapters are rebuilt from the checkpoint's description,
 so ``--settings`` is optional there (given, it must match).
@@ -92,11 +96,6 @@ def _run(args: argparse.Namespace) -> int:
         from locoop.setar.settings import load_settings
 
         load_settings(settings_file)  # form and completion marker now; layers and ratios once the model is loaded
-    from locoop.models.swinv2 import is_swinv2_backbone
-
-    if is_swinv2_backbone(cfg.MODEL.BACKBONE.NAME) and not args.no_test:
-        raise ValueError("the OOD benchmark of a fine-tuned Swin-V2 is not wired into setar-finetune yet; pass "
-                         "--no-test to fine-tune only")
     if not args.no_test:
         from locoop.ood.runner import check_benchmark_inputs
 

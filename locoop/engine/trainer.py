@@ -41,7 +41,7 @@ import time
 import warnings
 from collections import OrderedDict
 from contextlib import nullcontext
-from typing import Any, Callable, Iterable, Optional, Tuple, Union
+from typing import Any, Iterable, Optional, Union
 
 import numpy as np
 import torch
@@ -485,9 +485,7 @@ class SimpleTrainer(TrainerBase):
         from locoop.data import DataManager  # imported here: the data layer is heavy and optional for tests
 
         # need_train=None lets the dataset decide (its default); False skips the training split.
-        tfm_train, tfm_test = self.custom_transforms()
-        dm = DataManager(self.cfg, custom_tfm_train=tfm_train, custom_tfm_test=tfm_test,
-                         need_train=None if self.need_train else False)
+        dm = DataManager(self.cfg, need_train=None if self.need_train else False)
         self.dm = dm
         self.train_loader_x = dm.train_loader_x
         self.val_loader = dm.val_loader
@@ -495,13 +493,6 @@ class SimpleTrainer(TrainerBase):
         self.num_classes = dm.num_classes
         self.lab2cname = dm.lab2cname
         self.classnames = getattr(dm, "classnames", None)
-
-    def custom_transforms(self) -> Tuple[Optional[Callable], Optional[Callable]]:
-        """``(train, test)`` transforms replacing the ones built from ``cfg.INPUT`` (None: keep those).
-
-        Overridden by trainers whose backbone dictates its own preprocessing (a Swin-V2 classifier).
-        """
-        return None, None
 
     def build_model(self) -> None:
         """Build the model(s), optimiser(s) and scheduler(s), then ``register_model``."""

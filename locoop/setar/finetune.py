@@ -22,9 +22,10 @@ trainer itself is one, the backbone-specific part is a small target object):
   on its block matrices (SeTAR's ``[stage, block]`` layers; no ``W_p``, no text tower); the LoCoOp loss
   takes the classifier's global logits and its local logits (the last block's value path) as they
   are -- no scale, no normalisation, as SeTAR's ``finetune.py`` feeds ``outputs.logits`` /
-  ``outputs.logits_local``; no class-name prompts. Its transforms are SeTAR's for Swin at the
-  snapshot's ``image_size`` (:func:`~locoop.models.swinv2.build_swin_train_preprocess`,
-  :func:`~locoop.models.swinv2.build_swin_preprocess`), replacing ``INPUT``; and while training the
+  ``outputs.logits_local``; no class-name prompts. Its transforms are SeTAR's for Swin at
+  ``INPUT.SIZE`` (``build_transform`` chooses them for a Swin-V2 backbone:
+  :func:`~locoop.models.swinv2.build_swin_train_preprocess`, :func:`~locoop.models.swinv2.build_swin_preprocess`);
+  and while training the
   whole classifier is in train mode (SeTAR calls ``model.train()``: the snapshot's stochastic depth /
   dropout are active), in eval mode otherwise. The dataset's classes must be the classifier's.
 
@@ -43,14 +44,15 @@ SeTARFT checkpoint without ``SETAR.SETTINGS_FILE`` rebuilds the adapters from th
 
 Evaluation interface (as the LoCoOp trainer): ``trainer.clip_model`` -- CLIP with the adapters in
 place, so its ``encode_image`` / ``encode_text`` are the adapted model -- ``trainer.text_features()``
-and ``trainer.class_prompts()``. On a Swin-V2: ``trainer.swin_model`` (the adapted
-:class:`~locoop.models.swinv2.SwinV2Classifier`; ``clip_model`` is None, ``text_features()`` None).
-``trainer.adapted_model`` is the adapted model of either kind.
+and ``trainer.class_prompts()``. On a Swin-V2, as the runner's classifier interface
+(:mod:`locoop.ood.heads`) expects: ``trainer.clip_model`` is the adapted
+:class:`~locoop.models.swinv2.SwinV2Classifier` (also ``trainer.swin_model``), ``text_features()``
+is None, ``class_prompts()`` raises. ``trainer.adapted_model`` is the adapted model of either kind.
 """
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Optional
 
 import torch
 
@@ -182,9 +184,7 @@ class AdapterTrainer(PromptTrainer):
                 "its test split; set DATASET.VAL_SPLIT_FILE to SeTAR's split JSON (imagenet1k_val_data.json / "
                 "voc_val_data.json) or give the dataset a val/ folder -- or use SETAR.FT.TRAIN_SPLIT train "
                 "with DATASET.NUM_SHOTS")
-        tfm_train, tfm_test = self.custom_transforms()
-        dm = DataManager(cfg, dataset=dataset, custom_tfm_train=tfm_train, custom_tfm_test=tfm_test,
-                         verbose=bool(cfg.VERBOSE))
+        dm = DataManager(cfg, dataset=dataset, verbose=bool(cfg.VERBOSE))
         seed = int(cfg.SEED) if int(cfg.SEED) >= 0 else None
         self.dm = dm
         self.train_loader_x = build_data_loader(
@@ -206,21 +206,6 @@ class AdapterTrainer(PromptTrainer):
         from locoop.models.swinv2 import is_swinv2_backbone
 
         return is_swinv2_backbone(str(self.cfg.MODEL.BACKBONE.NAME))
-
-    def _swin_image_size(self) -> int:
-        from locoop.models.swinv2 import read_swinv2_config, resolve_snapshot
-
-        size = read_swinv2_config(resolve_snapshot(str(self.cfg.MODEL.BACKBONE.NAME).strip())).get("image_size", 224)
-        return int(size[0] if isinstance(size, (list, tuple)) else size)
-
-    def custom_transforms(self) -> Tuple[Optional[Callable], Optional[Callable]]:
-        """SeTAR's Swin-V2 transforms at the snapshot's ``image_size`` (CLIP: the ``INPUT`` ones)."""
-        if not self.is_swin:
-            return None, None
-        from locoop.models.swinv2 import build_swin_preprocess, build_swin_train_preprocess
-
-        n_px = self._swin_image_size()
-        return build_swin_train_preprocess(n_px), build_swin_preprocess(n_px)
 
     # ------------------------------------------------------------------ model
     def prompt_template(self) -> str:
@@ -249,7 +234,8 @@ class AdapterTrainer(PromptTrainer):
                 raise ValueError(f"the Swin-V2 classifier {self.backbone} has {model.num_classes} classes but the "
                                  f"dataset has {n}; its classifier head must be the dataset's (ImageNet-1K for "
                                  f"{'microsoft/swinv2-base-patch4-window16-256'})")
-            self.clip_model, self.swin_model = None, model
+            # the attribute every command hands the runner; a classifier is scored on its own logits
+            self.clip_model, self.swin_model = model, model
         else:
             model, _ = load_clip(cfg, self.device, "fp32", verbose=verbose)
             self.clip_model, self.swin_model = model, None
