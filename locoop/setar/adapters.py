@@ -53,8 +53,8 @@ from torch import nn
 
 from locoop.engine.provenance import weights_sha256
 
-from .lowrank import (BLOCK_WEIGHT_TYPES, LowRankEditor, block_layers, format_layer, get_linear, is_swin_model,
-                      n_removed, normalize_layer)
+from .lowrank import (BLOCK_WEIGHT_TYPES, LowRankEditor, get_linear, is_block_model, n_removed, normalize_layer,
+                      num_layers)
 from .settings import validate_settings
 
 __all__ = [
@@ -89,9 +89,16 @@ def module_name(model: nn.Module, tower: str, weight_type: str, layer: Any = Non
     raise ValueError(f"{_describe((tower, weight_type, layer))} is not a submodule of the model")  # pragma: no cover
 
 
+def _format_layer(layer: Any) -> str:
+    """A layer for messages: ``11`` (CLIP) or ``[3, 1]`` (Swin-V2)."""
+    if isinstance(layer, (list, tuple)):
+        return "[" + ", ".join(str(v) for v in layer) + "]"
+    return str(layer)
+
+
 def _describe(key: Key) -> str:
     tower, weight_type, layer = key
-    return f"{tower} {weight_type}" + ("" if layer is None else f" layer {format_layer(layer)}")
+    return f"{tower} {weight_type}" + ("" if layer is None else f" layer {_format_layer(layer)}")
 
 
 def _key(key: Sequence) -> Key:
@@ -283,7 +290,7 @@ def _modules_list(meta: Mapping) -> list:
 
 
 def _fmt_modules(mods: Sequence) -> str:
-    parts = [f"{t} {w}{'' if l is None else ' ' + format_layer(l)} (rank {r})" for t, w, l, r, *_ in mods]
+    parts = [f"{t} {w}{'' if l is None else ' ' + _format_layer(l)} (rank {r})" for t, w, l, r, *_ in mods]
     return ", ".join(parts[:6]) + (f", ... ({len(parts)} in all)" if len(parts) > 6 else "") if parts else "none"
 
 
@@ -408,13 +415,14 @@ def lora_targets(model: nn.Module, weight_types: Sequence[str], include_proj: bo
     if bad or not types or len(set(types)) != len(types):
         raise ValueError(f"LoRA weight types must be distinct entries of {', '.join(BLOCK_WEIGHT_TYPES)}; got {types} "
                          "(the projections W_p are added with SETAR.FREEZE_PROJ False)")
-    swin = is_swin_model(model)
+    swin = is_block_model(model)
     if swin and include_proj:
         raise ValueError("a Swin-V2 classifier has no projection W_p (its classifier head is not adapted); set "
                          "SETAR.FREEZE_PROJ True")
     keys: List[Key] = []
     for tower in ("visual",) if swin else ("visual", "text"):
-        for layer in block_layers(model, tower):
+        layers = model.layers() if swin else range(num_layers(model, tower))  # Swin: (stage, block), forward order
+        for layer in layers:
             keys.extend((tower, t, layer) for t in types)
         if include_proj:
             keys.append((tower, "W_p", None))

@@ -26,31 +26,28 @@ SVD split does. Which components go is the prune type:
 
 Biases are never touched. ``r = 0`` restores the original tensor bit for bit.
 
-A Swin-V2 classifier (:class:`locoop.models.swinv2.SwinV2Classifier`) is addressed the same way, with
-SeTAR's Swin naming: tower ``"visual"`` (the only one), the six block types (no ``W_p``) and ``layer``
-= ``(stage, block)``, e.g. ``(3, 1)`` (JSON ``[3, 1]``; :func:`normalize_layer` makes it a tuple so
-it can key a dict). :func:`get_linear` and :func:`block_layers` are the one place that tells the two
-apart.
+A block-addressed classifier (:class:`locoop.models.swinv2.SwinV2Classifier`, recognised by its
+``block_layer`` method: :func:`is_block_model`) has one tower, ``visual``, and SeTAR's Swin layer
+naming: ``layer`` is a ``[stage, block]`` pair (``[3, 1]`` = stage 3, block 1; a tuple inside, a
+list in JSON), the matrices are the model's own ``get_linear`` (W_q .. W_down; no W_p).
 """
 from __future__ import annotations
 
 import zlib
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
 
 __all__ = [
+    "is_block_model",
+    "normalize_layer",
     "WEIGHT_TYPES",
     "BLOCK_WEIGHT_TYPES",
     "TOWERS",
     "PRUNE_TYPES",
     "get_linear",
     "num_layers",
-    "block_layers",
-    "normalize_layer",
-    "is_swin_model",
-    "format_layer",
     "check_ratio",
     "n_removed",
     "LowRankEditor",
@@ -71,29 +68,7 @@ _BLOCK_PATHS: Dict[str, Tuple[str, str]] = {
     "W_down": ("mlp", "c_proj"),
 }
 
-Layer = Union[int, Tuple[int, int], None]
-Key = Tuple[str, str, Layer]
-
-
-def is_swin_model(model: nn.Module) -> bool:
-    """Whether ``model`` is a Swin-V2 classifier (SeTAR's ``[stage, block]`` layers) rather than a CLIP."""
-    from locoop.models.swinv2 import SwinV2Classifier  # light: transformers is imported lazily there
-
-    return isinstance(model, SwinV2Classifier)
-
-
-def normalize_layer(layer):
-    """A layer as a hashable key: a Swin ``[stage, block]`` list becomes a tuple; anything else is returned as is."""
-    return tuple(layer) if isinstance(layer, list) else layer
-
-
-def format_layer(layer) -> str:
-    """A layer for messages and stable names: ``11``, ``[3, 1]`` (Swin), ``-`` (none)."""
-    if layer is None:
-        return "-"
-    if isinstance(layer, (list, tuple)):
-        return "[" + ", ".join(str(v) for v in layer) + "]"
-    return str(layer)
+Key = Tuple[str, str, Optional[int]]
 
 
 def _check_tower(tower: str) -> None:
@@ -120,46 +95,47 @@ def _tower_transformer(model: nn.Module, tower: str) -> nn.Module:
     return transformer
 
 
-def _check_swin_tower(tower: str) -> None:
-    _check_tower(tower)
-    if tower != "visual":
-        raise ValueError(f"a Swin-V2 classifier is vision-only: its matrices are in the 'visual' tower, got tower "
-                         f"{tower!r}")
+def is_block_model(model: nn.Module) -> bool:
+    """Whether ``model`` addresses its blocks as ``[stage, block]`` (a Swin-V2 classifier), not as CLIP towers."""
+    return callable(getattr(model, "block_layer", None)) and callable(getattr(model, "get_linear", None))
+
+
+def normalize_layer(layer):
+    """A layer as a hashable key: a ``[stage, block]`` list (JSON) becomes a tuple; ints and None stay."""
+    return tuple(layer) if isinstance(layer, list) else layer
 
 
 def num_layers(model: nn.Module, tower: str) -> int:
-    """Number of transformer blocks of a tower (``"visual"`` or ``"text"``; a Swin-V2: all stages' blocks)."""
-    if is_swin_model(model):
-        _check_swin_tower(tower)
-        return model.num_blocks
+    """Number of transformer blocks of a tower (``"visual"`` or ``"text"``; a Swin-V2's blocks over all stages)."""
+    if is_block_model(model):
+        _block_model_tower(model, tower)
+        return int(model.num_blocks)
     return len(_tower_transformer(model, tower).resblocks)
 
 
-def block_layers(model: nn.Module, tower: str) -> List[Layer]:
-    """Every block's layer address, bottom to top: ``0 .. L-1`` (CLIP) or ``(stage, block)`` (Swin-V2)."""
-    if is_swin_model(model):
-        _check_swin_tower(tower)
-        return model.layers()
-    return list(range(num_layers(model, tower)))
+def _block_model_tower(model: nn.Module, tower: str) -> None:
+    _check_tower(tower)
+    if tower != "visual":
+        raise ValueError(f"{type(model).__name__} is a vision-only classifier: it has no {tower} tower; "
+                         "its matrices are the 'visual' tower's")
 
 
-def get_linear(model: nn.Module, tower: str, weight_type: str, layer: Layer = None) -> nn.Linear:
+def get_linear(model: nn.Module, tower: str, weight_type: str, layer: Optional[int] = None) -> nn.Linear:
     """The ``nn.Linear`` holding one SeTAR weight matrix.
 
     Args:
-        model: a :class:`clip.model.CLIP` or a Swin-V2 classifier.
-        tower: ``"visual"`` or ``"text"`` (Swin-V2: ``"visual"`` only).
-        weight_type: one of :data:`WEIGHT_TYPES` (Swin-V2: no ``W_p``).
-        layer: block index ``0 .. L-1`` (bottom to top); must be None for ``W_p``; a Swin-V2's
-            ``(stage, block)``.
+        model: a :class:`clip.model.CLIP`.
+        tower: ``"visual"`` or ``"text"``.
+        weight_type: one of :data:`WEIGHT_TYPES`.
+        layer: block index ``0 .. L-1`` (bottom to top); must be None for ``W_p``.
 
     Raises:
         ValueError: unknown tower or weight type, or a layer outside the tower's range
             (the messages list the valid choices).
     """
-    if is_swin_model(model):
-        _check_swin_tower(tower)
-        return model.get_linear(weight_type, layer)  # checks the type and the [stage, block] pair
+    if is_block_model(model):  # SeTAR's Swin naming: layer = [stage, block]
+        _block_model_tower(model, tower)
+        return model.get_linear(weight_type, normalize_layer(layer))
     _check_tower(tower)
     _check_weight_type(weight_type)
     if weight_type == "W_p":
@@ -209,7 +185,7 @@ def n_removed(ratio: float, shape: Tuple[int, int], what: str = "the matrix") ->
 
 def _describe(key: Key) -> str:
     tower, weight_type, layer = key
-    return f"{tower} {weight_type}" + ("" if layer is None else f" layer {format_layer(layer)}")
+    return f"{tower} {weight_type}" + ("" if layer is None else f" layer {layer}")
 
 
 class LowRankEditor:
@@ -239,32 +215,32 @@ class LowRankEditor:
         self.applied: Dict[Key, float] = {}  # key -> ratio currently applied (non-zero only)
 
     # ------------------------------------------------------------------ helpers
-    def linear(self, tower: str, weight_type: str, layer: Layer = None) -> nn.Linear:
+    def linear(self, tower: str, weight_type: str, layer: Optional[int] = None) -> nn.Linear:
         """The edited module (see :func:`get_linear`)."""
-        return get_linear(self.model, tower, weight_type, layer)
+        return get_linear(self.model, tower, weight_type, normalize_layer(layer))
 
     def _remember(self, key: Key, lin: nn.Linear) -> torch.Tensor:
         if key not in self._original:
             self._original[key] = lin.weight.detach().clone()
         return self._original[key]
 
-    def svd(self, tower: str, weight_type: str, layer: Layer = None
+    def svd(self, tower: str, weight_type: str, layer: Optional[int] = None
             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(U, S, Vh)`` of the original matrix in float32 (singular values descending), cached."""
-        key = (tower, weight_type, layer)
+        key = (tower, weight_type, normalize_layer(layer))
         if key not in self._svd:
             original = self._remember(key, self.linear(*key))
             self._svd[key] = torch.linalg.svd(original.float(), full_matrices=False)
         return self._svd[key]
 
-    def n_removed(self, tower: str, weight_type: str, layer: Layer, ratio: float) -> int:
+    def n_removed(self, tower: str, weight_type: str, layer: Optional[int], ratio: float) -> int:
         """Components that ``ratio`` removes from this matrix (errors as :func:`n_removed`)."""
         lin = self.linear(tower, weight_type, layer)
         return n_removed(ratio, tuple(lin.weight.shape), _describe((tower, weight_type, layer)))
 
-    def removed_indices(self, tower: str, weight_type: str, layer: Layer, k: int) -> torch.Tensor:
+    def removed_indices(self, tower: str, weight_type: str, layer: Optional[int], k: int) -> torch.Tensor:
         """Indices (into the descending singular values) of the ``k`` removed components."""
-        key = (tower, weight_type, layer)
+        key = (tower, weight_type, normalize_layer(layer))
         full = self.svd(*key)[1].numel()
         if self.prune_type == "small":
             return torch.arange(full - k, full)
@@ -277,9 +253,9 @@ class LowRankEditor:
             self._perm[key] = torch.randperm(full, generator=gen)
         return self._perm[key][:k].sort().values
 
-    def pruned_weight(self, tower: str, weight_type: str, layer: Layer, ratio: float) -> torch.Tensor:
+    def pruned_weight(self, tower: str, weight_type: str, layer: Optional[int], ratio: float) -> torch.Tensor:
         """The approximated weight for ``ratio`` (the original tensor itself when nothing is removed)."""
-        key = (tower, weight_type, layer)
+        key = (tower, weight_type, normalize_layer(layer))
         k = self.n_removed(*key, ratio)
         original = self._remember(key, self.linear(*key))
         if k == 0:
@@ -292,14 +268,14 @@ class LowRankEditor:
 
     # ------------------------------------------------------------------ editing
     @torch.no_grad()
-    def apply(self, tower: str, weight_type: str, layer: Layer, ratio: float) -> int:
+    def apply(self, tower: str, weight_type: str, layer: Optional[int], ratio: float) -> int:
         """Replace the weight by its approximation at ``ratio`` (in place); returns components removed.
 
         Raises:
             ValueError: bad tower/type/layer, ratio outside [0, 1), or a ratio removing every
                 component -- checked before anything is changed.
         """
-        key = (tower, weight_type, layer)
+        key = (tower, weight_type, normalize_layer(layer))
         lin = self.linear(*key)
         k = n_removed(ratio, tuple(lin.weight.shape), _describe(key))
         if k == 0 and key not in self._original:
@@ -312,9 +288,9 @@ class LowRankEditor:
         return k
 
     @torch.no_grad()
-    def revert(self, tower: str, weight_type: str, layer: Layer = None) -> None:
+    def revert(self, tower: str, weight_type: str, layer: Optional[int] = None) -> None:
         """Restore the original weight of one matrix exactly (no-op if it was never edited)."""
-        key = (tower, weight_type, layer)
+        key = (tower, weight_type, normalize_layer(layer))
         if key in self._original:
             self.linear(*key).weight.copy_(self._original[key])
         self.applied.pop(key, None)
@@ -324,7 +300,7 @@ class LowRankEditor:
         for key in list(self._original):
             self.revert(*key)
 
-    def original_weight(self, tower: str, weight_type: str, layer: Layer = None) -> torch.Tensor:
+    def original_weight(self, tower: str, weight_type: str, layer: Optional[int] = None) -> torch.Tensor:
         """The exact copy of the original weight (taken on first use)."""
-        key = (tower, weight_type, layer)
+        key = (tower, weight_type, normalize_layer(layer))
         return self._remember(key, self.linear(*key))
