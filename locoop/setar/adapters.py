@@ -5,7 +5,8 @@ ratio ``r > 0``, split ``W`` by its SVD (float32) into
 
 * the principal part, kept frozen as the layer's base weight: the reconstruction from the
   components the search *keeps* (for the ``small`` prune type, all but the ``k`` smallest), and
-* the minor part of rank ``k = round(r * min(W.shape))``, which becomes a LoRA adapter with
+* the minor part of rank ``k = round(r * min(W.shape))`` (``k = r`` for a whole number ``r >= 1``,
+  an absolute rank as in SeTAR's ``lora_settings``; :func:`~locoop.setar.lowrank.n_removed`), which becomes a LoRA adapter with
   ``A = sqrt(S_minor) V_minor^T`` (``[k, in]``), ``B = U_minor sqrt(S_minor)`` (``[out, k]``) and
   scaling 1,
 

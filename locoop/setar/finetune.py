@@ -3,8 +3,8 @@
 Both fine-tune low-rank adapters on CLIP (:mod:`locoop.setar.adapters`) with the LoCoOp loss
 (``CE(global logits, y) + SETAR.FT.LAMBDA * L_ood`` with top-``SETAR.FT.TOPK`` OOD patches,
 :func:`locoop.trainers.loss.locoop_loss`), logits ``logit_scale.exp() * cos`` of the normalised
-image features (global and local) and the class-name prompts ``SETAR.PROMPT_TEMPLATE``
-(``"a photo of a <class>."``), all through the CLIP head (:class:`locoop.models.head.CLIPHead`):
+image features (global and local) and the class-name prompts ``SETAR.FT.PROMPT_TEMPLATE``
+(default SeTAR's ``finetune.py`` prompt ``"a photo of a <class>"``; empty: ``SETAR.PROMPT_TEMPLATE``), all through the CLIP head (:class:`locoop.models.head.CLIPHead`):
 
 * ``SeTARFT``: adapters from a SeTAR search's settings (``SETAR.SETTINGS_FILE``, the search's
   ``best_settings.json``): the minor singular components of every pruned matrix, scaling 1, so the
@@ -209,8 +209,8 @@ class AdapterTrainer(PromptTrainer):
 
     # ------------------------------------------------------------------ model
     def prompt_template(self) -> str:
-        """The class-prompt template (``SETAR.PROMPT_TEMPLATE``, as the search's)."""
-        return str(self.cfg.SETAR.PROMPT_TEMPLATE)
+        """The class-prompt template: ``SETAR.FT.PROMPT_TEMPLATE``, or the search's ``SETAR.PROMPT_TEMPLATE`` if empty."""
+        return str(self.cfg.SETAR.FT.PROMPT_TEMPLATE) or str(self.cfg.SETAR.PROMPT_TEMPLATE)
 
     def build_model(self) -> None:
         from locoop.engine.precision import resolve_precision
