@@ -299,7 +299,7 @@ def test_shipped_swin_and_clip_large_finetune_configs_load():
         if family == "swin_base":
             assert is_swinv2_backbone(cfg.MODEL.BACKBONE.NAME)
         else:
-            assert cfg.MODEL.BACKBONE.NAME == "ViT-L/14" and cfg.SETAR.PROMPT_TEMPLATE == "a photo of a {}"
+            assert cfg.MODEL.BACKBONE.NAME == "ViT-L/14" and cfg.SETAR.FT.PROMPT_TEMPLATE == "a photo of a {}"
             assert not is_swinv2_backbone(cfg.MODEL.BACKBONE.NAME)
             arch = get_config(cfg.MODEL.BACKBONE.NAME)
             assert tuple(cfg.INPUT.SIZE) == (arch.image_resolution,) * 2 == (224, 224)
@@ -400,3 +400,29 @@ def test_swin_finetune_command_end_to_end(swin_root, tmp_path):
     assert main(["setar-finetune", "--root", str(swin_root), "--config-file", cfg_file, "--output-dir", str(only),
                  "--settings", str(swin_root / "settings.json"), "--no-test"] + overrides) == 0
     assert (only / "adapters" / "model.pth.tar-1").is_file() and not (only / "ood_results.json").exists()
+
+
+def test_setar_json_finetune_configs_build_on_the_family_configs(tmp_path):
+    """SeTAR's own swin_base / clip_large fine-tuning JSON files merge on our config of that family."""
+    from locoop.config import merge_from_file
+
+    common = {"id_dataset": "ID_ImageNet1K", "split": "val", "seed": 5, "num_train_epochs": 5,
+              "learning_rate": 0.01, "lr_scheduler_type": "cosine", "num_warmup_steps": 0}
+    swin_json = dict(common, model_name="microsoft/swinv2-base-patch4-window16-256", model_type="SwinTransformerV2",
+                     batch_size=50, temperature=100, locoop_lambda=0.01, locoop_top_k=700, lora_svd_init_type="small",
+                     lora_settings=SWIN_SETTINGS, scorers=["mcm_score", "gl_mcm_score"])
+    path = tmp_path / "swin_ft.json"
+    path.write_text(json.dumps(swin_json))
+    cfg = merge_from_file(get_cfg_default(), str(path))
+    assert tuple(cfg.INPUT.SIZE) == (256, 256) and list(cfg.INPUT.PIXEL_MEAN) == [0.485, 0.456, 0.406]
+    assert is_swinv2_backbone(cfg.MODEL.BACKBONE.NAME) and cfg.TRAINER.NAME == "SeTARFT"
+    assert (cfg.SETAR.FT.LAMBDA, cfg.SETAR.FT.TOPK, cfg.OOD.T) == (0.01, 700, 100.0)
+    lora_json = dict(common, model_name="openai/clip-vit-large-patch14", model_type="CLIP", batch_size=20,
+                     temperature=100, locoop_lambda=0.5, locoop_top_k=300, lora_svd_init=False, lora_r=64,
+                     lora_alpha=16, target_modules=["mlp.fc1"], scorers=["mcm_score", "gl_mcm_score"])
+    path = tmp_path / "clip_large_lora.json"
+    path.write_text(json.dumps(lora_json))
+    cfg = merge_from_file(get_cfg_default(), str(path))
+    assert cfg.MODEL.BACKBONE.NAME == "ViT-L/14" and cfg.TRAINER.NAME == "LoRA"
+    assert (cfg.SETAR.FT.LORA_RANK, list(cfg.SETAR.WEIGHT_TYPES), cfg.OOD.T) == (64, ["W_up"], 1.0)
+    assert cfg.SETAR.FT.PROMPT_TEMPLATE == "a photo of a {}"
