@@ -102,3 +102,88 @@ def test_swin_rejects_text_bank_scores_and_wrong_classes(tmp_path, data_root, sn
     assert rc == 2 and "7 classes" in err
     rc, _, err = cli(base + ["MODEL.BACKBONE.NAME", "ViT-B/16"], capsys)
     assert rc == 2 and "Swin-V2 snapshot" in err
+
+
+# ============================================================================ the search
+def _search_data(num_classes=NUM_CLASSES, n_batches=2, batch=3, seed=0):
+    from locoop.setar.search import SearchData
+
+    gen = torch.Generator().manual_seed(seed)
+    batches = [(torch.randn(batch, 3, 32, 32, generator=gen), torch.randint(0, num_classes, (batch,), generator=gen))
+               for _ in range(n_batches)]
+    return SearchData(batches, None)
+
+
+def test_visual_only_swin_order():
+    from locoop.setar.searchers import build_steps
+
+    steps = build_steps("visual_only_swin", {"visual": [2, 2, 18, 2]}, ["W_q", "W_up"])
+    layers = [s.layer for s in steps[::2]]
+    assert layers[:4] == [(3, 1), (3, 0), (2, 17), (2, 16)] and layers[-1] == (0, 0) and len(layers) == 24
+    assert [s.weight_type for s in steps[:2]] == ["W_q", "W_up"] and {s.tower for s in steps} == {"visual"}
+    with pytest.raises(ValueError, match="no W_p"):
+        build_steps("visual_only_swin", {"visual": [2, 2]}, ["W_up"], freeze_proj=False)
+    with pytest.raises(ValueError, match="visual_only_swin"):
+        build_steps("visual_only", {"visual": [2, 2]}, ["W_up"])
+    with pytest.raises(ValueError, match="Swin-V2 classifier"):
+        build_steps("visual_only_swin", {"visual": 12, "text": 12}, ["W_up"])
+
+
+@pytest.mark.parametrize("weight_types", [["W_up"], ["W_q", "W_k", "W_v", "W_o", "W_up", "W_down"]])
+def test_fast_search_equals_naive(weight_types, one_thread):
+    from locoop.models.swinv2 import SwinV2Classifier
+    from locoop.setar.search import run_search
+
+    results = {}
+    for mode in ("fast", "naive"):
+        model = SwinV2Classifier(make_tiny_swinv2(num_labels=NUM_CLASSES, seed=3)).eval()
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        results[mode] = run_search(model, _search_data(), searcher="visual_only_swin", weight_types=weight_types,
+                                   ratios=[0.0, 0.25, 0.5], lam=0.01, top_k=2, mode=mode, verbose=False)
+        changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+        from locoop.setar.settings import nonzero
+
+        assert len(changed) == len(nonzero(results[mode].settings))
+    fast, naive = results["fast"], results["naive"]
+    assert fast.settings == naive.settings
+    assert [tuple(s[:3]) for s in fast.settings][:len(weight_types)] == [("visual", w, (1, 1)) for w in weight_types]
+    assert fast.baseline == pytest.approx(naive.baseline, rel=1e-6, abs=1e-6)
+    assert fast.final == pytest.approx(naive.final, rel=1e-6, abs=1e-6)
+    for a, b in zip(fast.log, naive.log):
+        assert (a["layer"], a["ratio"]) == (b["layer"], b["ratio"])
+        assert a["criterion"] == pytest.approx(b["criterion"], rel=1e-6, abs=1e-6)
+    assert fast.counters["visual_layer_passes"] < naive.counters["visual_layer_passes"]
+
+
+def test_stage_block_settings_applied_and_reverted_bitwise(tmp_path):
+    from locoop.models.swinv2 import SwinV2Classifier
+    from locoop.setar.lowrank import LowRankEditor
+    from locoop.setar.settings import apply_settings, load_settings, save_best_settings
+
+    model = SwinV2Classifier(make_tiny_swinv2(num_labels=NUM_CLASSES, seed=1))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    path = tmp_path / "settings.json"
+    path.write_text(json.dumps([["visual", "W_up", [1, 1], 0.25], ["visual", "W_q", [0, 0], 0.5],
+                                ["visual", "W_down", [1, 0], 0.0]]))
+    settings = load_settings(path, model)
+    assert settings[0] == ("visual", "W_up", (1, 1), 0.25)
+    editor = LowRankEditor(model)
+    apply_settings(editor, settings)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {"swinv2.encoder.layers.1.blocks.1.intermediate.dense.weight",
+                       "swinv2.encoder.layers.0.blocks.0.attention.self.query.weight"}
+    w = model.get_linear("W_up", (1, 1)).weight
+    u, s, vh = torch.linalg.svd(before["swinv2.encoder.layers.1.blocks.1.intermediate.dense.weight"],
+                                full_matrices=False)
+    k = round(0.25 * min(w.shape))
+    torch.testing.assert_close(w, (u[:, :-k] * s[:-k]) @ vh[:-k])
+    save_best_settings(tmp_path / "best.json", settings)
+    assert json.loads((tmp_path / "best.json").read_text())["settings"][0] == ["visual", "W_up", [1, 1], 0.25]
+    assert load_settings(tmp_path / "best.json", model) == settings
+    editor.revert_all()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    for bad, msg in ((["visual", "W_up", [2, 0], 0.1], "stage 2"), (["visual", "W_up", 3, 0.1], r"\[stage, block\]"),
+                     (["text", "W_up", [0, 0], 0.1], "no text tower"), (["visual", "W_p", None, 0.1], "W_p")):
+        path.write_text(json.dumps([bad]))
+        with pytest.raises(ValueError, match=msg):
+            load_settings(path, model)
