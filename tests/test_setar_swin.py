@@ -187,3 +187,89 @@ def test_stage_block_settings_applied_and_reverted_bitwise(tmp_path):
         path.write_text(json.dumps([bad]))
         with pytest.raises(ValueError, match=msg):
             load_settings(path, model)
+
+
+# ============================================================================ end to end
+@pytest.fixture(scope="module")
+def val_split(data_root):
+    from locoop.data.synthetic import make_val_split
+
+    path = Path(data_root) / "val_split.json"
+    if not path.is_file():
+        make_val_split(str(path), str(Path(data_root) / "imagenet" / "images" / "train"), per_class=2)
+    return path
+
+
+def _search_args(data_root, snapshot, val_split, config, out, *extra, flags=()):
+    return ["setar-search", "--root", data_root, "--dataset-config-file", DS_CFG, "--config-file", SWIN_CFG / config,
+            "--output-dir", out, *flags, "MODEL.BACKBONE.NAME", snapshot, "DATASET.VAL_SPLIT_FILE", val_split,
+            "SETAR.TOPK", "2", "SETAR.RATIOS", "[0.0, 0.25, 0.5]", *SMALL, *extra]
+
+
+def test_setar_search_swin_end_to_end(tmp_path, data_root, snapshot, val_split, capsys, one_thread):
+    out = tmp_path / "search"
+    rc, stdout, err = cli(_search_args(data_root, snapshot, val_split, "SeTAR.yaml", out, "TRAINER.NAME", ""),
+                          capsys)
+    assert rc == 0, err[-3000:]
+    marked = json.loads((out / "best_settings.json").read_text())
+    settings = marked["settings"]
+    assert marked["complete"] and [s[:3] for s in settings] == [["visual", "W_up", [1, 1]], ["visual", "W_up", [1, 0]],
+                                                                 ["visual", "W_up", [0, 1]], ["visual", "W_up", [0, 0]]]
+    rows = (out / "search_log.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 4 * 3 and '"[1, 1]"' in rows[1]
+    results = json.loads((out / "ood_results.json").read_text())
+    assert results["meta"]["trainer"] == "SeTARSwin" and results["meta"]["setar"]["settings"] == settings
+    assert set(results["scores"]) == {"MCM", "energy"}
+    for name in ("ood_results.md", "ood_results.csv", "ood_scores.npz", "plots/overview.png", "search_summary.json"):
+        assert (out / name).is_file(), name
+
+    # naive mode: the same settings and criteria
+    out_naive = tmp_path / "naive"
+    rc, _, err = cli(_search_args(data_root, snapshot, val_split, "SeTAR.yaml", out_naive,
+                                  flags=("--mode", "naive", "--no-test")), capsys)
+    assert rc == 0, err[-3000:]
+    assert json.loads((out_naive / "best_settings.json").read_text())["settings"] == settings
+    log_f = json.loads((out / "search_log.json").read_text())
+    log_n = json.loads((out_naive / "search_log.json").read_text())
+    assert [r["criterion"] for r in log_f] == pytest.approx([r["criterion"] for r in log_n], rel=1e-6, abs=1e-6)
+
+    # the settings applied again without a search give the same test results; a resumed complete search too
+    out_apply = tmp_path / "apply"
+    rc, _, err = cli(_search_args(data_root, snapshot, val_split, "SeTAR.yaml", out_apply,
+                                  flags=("--settings", out / "best_settings.json")), capsys)
+    assert rc == 0, err[-3000:]
+    assert json.loads((out_apply / "ood_results.json").read_text())["scores"] == results["scores"]
+    rc, _, err = cli(_search_args(data_root, snapshot, val_split, "SeTAR.yaml", out), capsys)
+    assert rc == 0, err[-3000:]
+    assert json.loads((out / "ood_results.json").read_text())["scores"] == results["scores"]
+
+
+@pytest.mark.parametrize("config,score", [("Vanilla_MCM.yaml", "MCM"), ("Vanilla_energy.yaml", "energy")])
+def test_setar_search_swin_vanilla(tmp_path, data_root, snapshot, val_split, capsys, config, score):
+    out = tmp_path / "v"
+    rc, _, err = cli(_search_args(data_root, snapshot, val_split, config, out), capsys)
+    assert rc == 0, err[-3000:]
+    doc = json.loads((out / "ood_results.json").read_text())
+    assert set(doc["scores"]) == {score} and doc["meta"]["setar"]["settings"] == []
+    want, _ = _hand_scores(snapshot, _id_test_paths(data_root))
+    np.testing.assert_allclose(np.load(out / "ood_scores.npz")[f"ID/{score}"], want[score], rtol=1e-5, atol=1e-6)
+
+
+def _id_test_paths(data_root):
+    from locoop.config import get_cfg_default, merge_cfg
+    from locoop.data import build_dataset
+
+    cfg = get_cfg_default()
+    merge_cfg(cfg, DS_CFG, None, {"DATASET.ROOT": str(data_root)})
+    return [d.impath for d in build_dataset(cfg, need_train=False).test]
+
+
+def test_setar_search_swin_errors(tmp_path, data_root, snapshot, val_split, capsys):
+    rc, _, err = cli(_search_args(data_root, snapshot, val_split, "SeTAR.yaml", tmp_path / "a", "SETAR.SEARCHER",
+                                  "visual_text"), capsys)
+    assert rc == 2 and "visual_only_swin" in err
+    bad = tmp_path / "bad.json"
+    bad.write_text('[["visual", "W_up", [5, 0], 0.1]]')
+    rc, _, err = cli(_search_args(data_root, snapshot, val_split, "SeTAR.yaml", tmp_path / "b",
+                                  flags=("--settings", bad)), capsys)
+    assert rc == 2 and "stage 5" in err
