@@ -273,3 +273,51 @@ def test_setar_search_swin_errors(tmp_path, data_root, snapshot, val_split, caps
     rc, _, err = cli(_search_args(data_root, snapshot, val_split, "SeTAR.yaml", tmp_path / "b",
                                   flags=("--settings", bad)), capsys)
     assert rc == 2 and "stage 5" in err
+
+
+# ============================================================================ shipped configs
+def _load(rel):
+    from locoop.config import get_cfg_default, merge_cfg
+
+    return merge_cfg(get_cfg_default(), DS_CFG, str(REPO / "configs/setar/imagenet" / rel))
+
+
+def test_shipped_swin_and_clip_large_configs():
+    from locoop.config.checks import check_setar, validate_cfg
+    from locoop.models.swinv2 import SETAR_SWIN_MODEL, is_swinv2_backbone
+
+    seen = {}
+    for rel in ("swin_base/SeTAR.yaml", "swin_base/Vanilla_MCM.yaml", "swin_base/Vanilla_energy.yaml",
+                "clip_large/SeTAR.yaml", "clip_large/Vanilla_MCM.yaml", "clip_large/Vanilla_GL_MCM.yaml"):
+        cfg = _load(rel)
+        validate_cfg(cfg)
+        search = not str(cfg.SETAR.SETTINGS_FILE)
+        check_setar(cfg, search)
+        seen[rel] = cfg
+        assert cfg.SEED == 5 and float(cfg.OOD.T) == 1.0
+    swin = seen["swin_base/SeTAR.yaml"]
+    assert swin.MODEL.BACKBONE.NAME == SETAR_SWIN_MODEL and is_swinv2_backbone(swin.MODEL.BACKBONE.NAME)
+    assert (swin.SETAR.SEARCHER, list(swin.SETAR.WEIGHT_TYPES), swin.SETAR.LAMBDA, swin.SETAR.TOPK) == \
+        ("visual_only_swin", ["W_up"], 0.01, 700)
+    assert swin.DATALOADER.TEST.BATCH_SIZE == 384 and tuple(swin.INPUT.SIZE) == (256, 256)
+    assert list(swin.SETAR.RATIOS) == [0.0, 0.05, 0.10, 0.15, 0.20, 0.25, 0.30, 0.35, 0.40]
+    assert list(seen["swin_base/Vanilla_MCM.yaml"].OOD.SCORES) == ["MCM"]
+    assert list(seen["swin_base/Vanilla_energy.yaml"].OOD.SCORES) == ["energy"]
+    large = seen["clip_large/SeTAR.yaml"]
+    assert large.MODEL.BACKBONE.NAME == "ViT-L/14" and not is_swinv2_backbone(large.MODEL.BACKBONE.NAME)
+    assert (large.SETAR.SEARCHER, large.SETAR.LAMBDA, large.SETAR.TOPK, large.DATALOADER.TEST.BATCH_SIZE) == \
+        ("visual_text", 0.5, 300, 512)
+    assert list(seen["clip_large/Vanilla_GL_MCM.yaml"].OOD.SCORES) == ["GL-MCM"]
+
+
+def test_searcher_must_fit_the_backbone():
+    from locoop.config.checks import check_setar
+
+    cfg = _load("swin_base/SeTAR.yaml")
+    cfg.SETAR.SEARCHER = "visual_text"
+    with pytest.raises(ValueError, match="use SETAR.SEARCHER visual_only_swin"):
+        check_setar(cfg, True)
+    cfg = _load("clip_large/SeTAR.yaml")
+    cfg.SETAR.SEARCHER = "visual_only_swin"
+    with pytest.raises(ValueError, match="is a CLIP model"):
+        check_setar(cfg, True)

@@ -55,18 +55,21 @@ class Searcher:
         order: ``(layer_num, weight_types, freeze_proj) -> [Step, ...]``.
         exhaustive: True if each round tries every remaining step (``layer_exhaustive``).
         description: one line for ``--help`` and errors.
+        backbone: the model kind it searches: ``clip`` (towers of layers; ``layer_num`` counts) or
+            ``swin`` (a block-addressed classifier; ``layer_num["visual"]`` = blocks per stage).
     """
 
     name: str
     order: Callable[[Mapping[str, int], Sequence[str], bool], List[Step]]
     exhaustive: bool = False
     description: str = ""
+    backbone: str = "clip"
 
 
 SEARCHERS = Registry("SEARCHER", kind="searcher")
 
 
-def register_searcher(name: str, exhaustive: bool = False, description: str = ""):
+def register_searcher(name: str, exhaustive: bool = False, description: str = "", backbone: str = "clip"):
     """Decorator registering an order function under ``name``.
 
     Raises:
@@ -74,7 +77,7 @@ def register_searcher(name: str, exhaustive: bool = False, description: str = ""
     """
 
     def deco(fn):
-        SEARCHERS.register(Searcher(name, fn, exhaustive, description), name=name)
+        SEARCHERS.register(Searcher(name, fn, exhaustive, description, backbone), name=name)
         return fn
 
     return deco
@@ -180,8 +183,9 @@ def _stage_depths(layer_num: Mapping[str, object]) -> List[int]:
     return [int(d) for d in depths]
 
 
-@register_searcher("visual_only_swin", description="Swin-V2 blocks, stages top to bottom, each stage's blocks "
-                                                    "top to bottom; layers are [stage, block]")
+@register_searcher("visual_only_swin", backbone="swin",
+                   description="Swin-V2 blocks, stages top to bottom, each stage's blocks top to bottom; "
+                               "layers are [stage, block]")
 def _visual_only_swin(layer_num, weight_types, freeze_proj):
     depths = _stage_depths(layer_num)
     if not freeze_proj:
