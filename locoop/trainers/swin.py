@@ -31,6 +31,8 @@ class SeTARSwin(TrainerX):
     """A Swin-V2 image classifier evaluated zero-shot (``eval``) or pruned by SeTAR (``setar-search``)."""
 
     NEEDS_CHECKPOINT = False
+    #: No text side and no class prompts: ``setar-search`` searches it without prompts (and no --model-dir).
+    VISION_ONLY = True
     CFG_SECTIONS = ("MODEL.BACKBONE",)
     #: The precision the classifier runs at (SeTAR: float32), recorded in the results.
     precision = "fp32"
