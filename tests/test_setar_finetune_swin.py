@@ -426,3 +426,29 @@ def test_setar_json_finetune_configs_build_on_the_family_configs(tmp_path):
     assert cfg.MODEL.BACKBONE.NAME == "ViT-L/14" and cfg.TRAINER.NAME == "LoRA"
     assert (cfg.SETAR.FT.LORA_RANK, list(cfg.SETAR.WEIGHT_TYPES), cfg.OOD.T) == (64, ["W_up"], 1.0)
     assert cfg.SETAR.FT.PROMPT_TEMPLATE == "a photo of a {}"
+
+
+def test_swin_search_then_finetune_on_its_best_settings(swin_root, tmp_path):
+    """The chain SeTAR runs: setar-search on the Swin-V2 writes [stage, block] settings, SeTAR+FT trains on them."""
+    from locoop.cli import main
+
+    search = tmp_path / "search"
+    common = ["MODEL.BACKBONE.NAME", str(swin_root / "swin"), "MODEL.DEVICE", "cpu", "DATASET.VAL_SPLIT_FILE",
+              str(swin_root / "val.json"), "INPUT.SIZE", "(32, 32)", "DATALOADER.NUM_WORKERS", "0",
+              "OOD.DATASETS", str(OOD_SETS), "OOD.PLOT", "False", "VERBOSE", "False"]
+    assert main(["setar-search", "--root", str(swin_root), "--config-file",
+                 os.path.join(REPO, "configs/setar/imagenet/swin_base/SeTAR.yaml"), "--output-dir", str(search),
+                 "SETAR.TOPK", "2", "SETAR.RATIOS", "[0.0, 0.25, 0.5]"] + common) == 0
+    best = json.loads((search / "best_settings.json").read_text())["settings"]
+    assert all(isinstance(s[2], list) and len(s[2]) == 2 for s in best)
+    if not any(s[3] > 0 for s in best):  # the criterion may keep every matrix whole: prune one for the chain
+        best[0][3] = 0.25
+        (search / "best_settings.json").write_text(json.dumps({"format": "locoop.setar.settings", "complete": True,
+                                                               "settings": best}))
+    out = tmp_path / "ft"
+    assert main(["setar-finetune", "--root", str(swin_root), "--config-file",
+                 os.path.join(REPO, "configs/setar/finetune/imagenet/swin_base/SeTAR+FT.yaml"), "--output-dir",
+                 str(out), "--settings", str(search / "best_settings.json"), "DATALOADER.TRAIN_X.BATCH_SIZE", "2",
+                 "OPTIM.MAX_EPOCH", "1", "SETAR.FT.TOPK", "2"] + common) == 0
+    assert json.loads((out / "finetune_settings.json").read_text()) == [s for s in best if s[3] > 0]
+    assert (out / "ood_results.json").is_file()
