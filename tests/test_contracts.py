@@ -141,6 +141,33 @@ def test_a_newly_registered_score_is_in_every_listing():
 
 
 # ------------------------------------------------------------------------------------ searchers
+def _swin_searcher_contract(name, freeze_proj):
+    """A searcher of a block-addressed classifier (Swin-V2): every [stage, block] matrix once, a finite search."""
+    pytest.importorskip("transformers")
+    from locoop.models.swinv2 import SwinV2Classifier, make_tiny_swinv2
+    from locoop.setar.lowrank import get_linear
+    from locoop.setar.search import SearchData, run_search
+
+    depths = [2, 2]
+    if not freeze_proj:
+        with pytest.raises(ValueError, match="W_p"):
+            build_steps(name, {"visual": depths}, ["W_q", "W_up"], freeze_proj=False)
+        return
+    steps = build_steps(name, {"visual": depths}, ["W_q", "W_up"])
+    expected = {("visual", w, (s, b)) for w in ("W_q", "W_up") for s in range(2) for b in range(2)}
+    assert len(steps) == len(set(steps)) and set(steps) == expected
+    model = SwinV2Classifier(make_tiny_swinv2(num_labels=NUM_CLASSES, seed=0)).eval()
+    gen = torch.Generator().manual_seed(0)
+    data = SearchData([(torch.randn(4, 3, 32, 32, generator=gen), torch.tensor([0, 1, 2, 3]))], None)
+    res = run_search(model, data, searcher=name, ratios=[0.0, 0.25], top_k=2, verbose=False)
+    assert {tuple(s[:3]) for s in res.settings} == {tuple(s) for s in build_steps(name, {"visual": depths})}
+    assert math.isfinite(res.baseline) and math.isfinite(res.final) and res.final <= res.baseline
+    for tower, wt, layer, ratio in res.settings:
+        lin = get_linear(model, tower, wt, layer)
+        assert torch.linalg.matrix_rank(lin.weight.detach()).item() <= min(lin.weight.shape) - round(
+            ratio * min(lin.weight.shape))
+
+
 @pytest.mark.parametrize("name", list_searchers())
 @pytest.mark.parametrize("freeze_proj", [True, False])
 def test_searcher_contract(name, freeze_proj):
@@ -148,6 +175,8 @@ def test_searcher_contract(name, freeze_proj):
     from locoop.models.head import ClassPrompts
     from locoop.setar.search import SearchData, run_search
 
+    if get_searcher(name).backbone == "swin":
+        return _swin_searcher_contract(name, freeze_proj)
     layers = {"visual": 2, "text": 3}
     steps = build_steps(name, layers, ["W_q", "W_up"], freeze_proj=freeze_proj)
     towers = set(layers) if name not in ("visual_only", "text_only") else {name.split("_")[0]}
@@ -193,7 +222,18 @@ def backbone(tmp_path_factory):
 
 
 # What a trainer needs beyond the common tiny config (a new trainer adds its entry here if it needs one).
-EXTRA_KEYS = {"SeTARFT": lambda root: {"SETAR.SETTINGS_FILE": str(root / "settings.json")}}
+def _tiny_swin(root) -> dict:
+    """A tiny Swin-V2 snapshot of NUM_CLASSES classes under ``root`` (built once), as MODEL.BACKBONE.NAME."""
+    from locoop.models.swinv2 import make_tiny_swinv2, save_snapshot
+
+    snap = root / "tiny-swinv2"
+    if not (snap / "config.json").is_file():
+        save_snapshot(make_tiny_swinv2(num_labels=NUM_CLASSES, seed=0), snap)
+    return {"MODEL.BACKBONE.NAME": str(snap)}
+
+
+EXTRA_KEYS = {"SeTARFT": lambda root: {"SETAR.SETTINGS_FILE": str(root / "settings.json")},
+              "SeTARSwin": _tiny_swin}
 
 
 def _library_trainers():
@@ -215,8 +255,13 @@ def test_trainer_contract(name, data_root, backbone, tmp_path):
     trainer = build_trainer(_cfg(data_root, backbone, tmp_path, name))
     with torch.no_grad():
         text = trainer.text_features()
-    assert text.shape == (NUM_CLASSES, trainer.clip_model.embed_dim) and torch.isfinite(text).all()
-    torch.testing.assert_close(text.float().norm(dim=-1), torch.ones(NUM_CLASSES), rtol=0, atol=1e-4)
+    if text is None:  # a classifier without a text side: its outputs are the class logits (locoop.ood.heads)
+        from locoop.ood.heads import outputs_logits
+
+        assert outputs_logits(trainer.clip_model) and trainer.clip_model.num_classes == NUM_CLASSES
+    else:
+        assert text.shape == (NUM_CLASSES, trainer.clip_model.embed_dim) and torch.isfinite(text).all()
+        torch.testing.assert_close(text.float().norm(dim=-1), torch.ones(NUM_CLASSES), rtol=0, atol=1e-4)
     batch = next(iter(trainer.test_loader))
     image, _ = trainer.parse_batch_test(batch)
     trainer._eval_text_features = text

@@ -41,7 +41,7 @@ V, T_ = "visual", "text"
 
 def test_searcher_registry():
     assert list_searchers() == ["visual_text", "text_visual", "visual_only", "text_only", "modality_interleaved",
-                                "layer_exhaustive"]
+                                "layer_exhaustive", "visual_only_swin"]
     with pytest.raises(ValueError, match="valid searchers: visual_text, text_visual, visual_only"):
         get_searcher("visual-text")
 

@@ -25,6 +25,11 @@ loader, the test from the shared OOD benchmark runner.
    in the SeTAR configs, and ID accuracy): ``ood_results.{md,csv,json}``, ``ood_scores.npz``,
    ``plots/``. ``--no-test`` stops after the search.
 
+Backbone: a CLIP model, or with a Swin-V2 snapshot in ``MODEL.BACKBONE.NAME``
+(:func:`locoop.models.swinv2.is_swinv2_backbone`) the vision-only classifier (trainer ``SeTARSwin``:
+no prompts, its global and local logits are the criterion's and the scores' input; searcher
+``visual_only_swin``, layers ``[stage, block]``; ``configs/setar/imagenet/swin_base/``).
+
 Prompts: zero-shot ``SETAR.PROMPT_TEMPLATE`` (trainer ``SeTARZeroshotCLIP``; SeTAR's code writes
 ``"a photo of a {}"``), or with ``--model-dir RUN`` the learned prompts of a LoCoOp/CoOp run
 (``RUN/prompt_learner/model-best.pth.tar`` or ``model.pth.tar-<epoch>``, loaded by the trainer that
@@ -50,6 +55,7 @@ from locoop.commands._common import (add_common_arguments, build_cfg, check_mode
 
 NO_SETTINGS = "none"
 ZERO_SHOT_TRAINER = "SeTARZeroshotCLIP"
+SWIN_TRAINER = "SeTARSwin"  # a Swin-V2 MODEL.BACKBONE.NAME (locoop.models.swinv2.is_swinv2_backbone)
 PROMPT_TRAINER = "LoCoOp"  # loads a --model-dir checkpoint that does not say which trainer saved it
 TEXT_CHUNK = 1000  # prompts per text forward pass in the search: one chunk for ImageNet-1K
 
@@ -158,6 +164,11 @@ def check_search_trainer(name: str, model_dir: Optional[str]) -> type:
     from locoop.trainers.base import PromptTrainer
 
     cls = check_trainer(name)
+    if getattr(cls, "VISION_ONLY", False):  # a classifier: no prompts, its logits are the classes
+        if model_dir:
+            raise ValueError(f"trainer {name!r} is a vision-only classifier without prompts; drop --model-dir "
+                             f"{model_dir}")
+        return cls
     if getattr(cls, "class_prompts", PromptTrainer.class_prompts) is PromptTrainer.class_prompts:
         raise ValueError(f"setar-search prunes a CLIP model with fixed class prompts; trainer {name!r} has none "
                          f"(class_prompts()); use {ZERO_SHOT_TRAINER} (zero-shot) or --model-dir of a LoCoOp/CoOp run")
@@ -306,8 +317,8 @@ def _identity_extra(cfg: Any, trainer: Any, prompts: Any, val: list) -> Dict[str
     ident = _cfg_identity(cfg)
     # Contents, not paths: a moved checkpoint or data folder resumes; other weights or prompts do not.
     ident["backbone_sha256"] = base_weights_sha256(trainer.clip_model)
-    ident["prompts"] = {"trainer": str(cfg.TRAINER.NAME),
-                        "sha256": _sha256_tensor(prompts.tokens if prompts.tokens is not None else prompts.embeddings)}
+    ident["prompts"] = {"trainer": str(cfg.TRAINER.NAME), "sha256": None if prompts is None else
+                        _sha256_tensor(prompts.tokens if prompts.tokens is not None else prompts.embeddings)}
     ident["val_split"] = {"images": len(val), "sha256": _items_sha256(cfg, val)}
     if "ood_val_datasets" in ident:
         ident["ood_val_split"] = {name: _items_sha256(cfg, items) for name, items in _ood_val_items(cfg).items()}
@@ -338,7 +349,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.model_dir:  # the trainer that saved the prompts loads them
         cfg.TRAINER.NAME = str(cfg.TRAINER.NAME or "").strip() or prompt_trainer_name(args.model_dir, args.load_epoch)
     else:
-        cfg.TRAINER.NAME = str(cfg.TRAINER.NAME or "").strip() or ZERO_SHOT_TRAINER
+        from locoop.models.swinv2 import is_swinv2_backbone
+
+        default = SWIN_TRAINER if is_swinv2_backbone(str(cfg.MODEL.BACKBONE.NAME)) else ZERO_SHOT_TRAINER
+        cfg.TRAINER.NAME = str(cfg.TRAINER.NAME or "").strip() or default
     cfg.TRAINER.LOCOOP.PREC = "fp32"  # SeTAR's precision, recorded as what ran
     cfg.freeze()
     check_search_trainer(cfg.TRAINER.NAME, args.model_dir)
@@ -375,12 +389,15 @@ def _run(args: argparse.Namespace) -> int:
     if args.model_dir:
         prompt_meta = check_prompt_checkpoint(args.model_dir, args.load_epoch, dataset, cfg.DATASET.NAME)
         trainer.load_model(args.model_dir, epoch=args.load_epoch)
+    elif getattr(trainer, "VISION_ONLY", False):
+        prompt_meta = {"prompts": "none (vision-only classifier: its logits)"}
     else:
         template = getattr(trainer, "prompt_template", None)
         prompt_meta = {"prompts": f"zero-shot '{template()}'" if template else "zero-shot"}
     trainer.set_model_mode("eval")
     model, device = trainer.clip_model, trainer.device
-    prompts = trainer.class_prompts(chunk_size=max(TEXT_CHUNK, int(cfg.DATALOADER.TEST.BATCH_SIZE)))
+    prompts = (None if getattr(trainer, "VISION_ONLY", False)
+               else trainer.class_prompts(chunk_size=max(TEXT_CHUNK, int(cfg.DATALOADER.TEST.BATCH_SIZE))))
     if main_rank:
         dump_cfg(cfg, os.path.join(cfg.OUTPUT_DIR, "config.yaml"))
     editor = LowRankEditor(model, prune_type=cfg.SETAR.PRUNE_TYPE, seed=max(int(cfg.SEED), 0))
@@ -401,7 +418,7 @@ def _run(args: argparse.Namespace) -> int:
         # Rank 0's progress for every rank, checked before any image is decoded.
         progress = dist.broadcast_object(progress if main_rank else None)
         if progress is not None:
-            check_identity(progress, search_identity(prompts.num_classes, extra=extra, **kw),
+            check_identity(progress, search_identity(int(dataset.num_classes), extra=extra, **kw),
                            os.path.join(cfg.OUTPUT_DIR, "search_progress.json"))
         tfm = _test_transform(trainer, cfg)
         data = build_search_data(cfg, val, prompts, checked["criterion"], cfg.SETAR.MODE, tfm)

@@ -353,6 +353,26 @@ def validate_cfg(cfg: Any) -> None:
     check_sections(cfg, VALUE_SECTIONS, include_required=False)
 
 
+def _check_searcher_backbone(cfg: Any) -> None:
+    """A Swin-V2 backbone is searched by ``visual_only_swin`` (no W_p), a CLIP model by the other searchers."""
+    from locoop.models.swinv2 import is_swinv2_backbone
+    from locoop.setar.searchers import get_searcher, list_searchers
+
+    swin = is_swinv2_backbone(str(getattr(cfg.MODEL.BACKBONE, "NAME", "") or ""))
+    searcher = str(cfg.SETAR.SEARCHER)
+    kind = get_searcher(searcher).backbone
+    if swin and kind != "swin":
+        fits = [n for n in list_searchers() if get_searcher(n).backbone == "swin"]
+        raise _error(f"SETAR.SEARCHER {searcher!r} visits CLIP towers, but MODEL.BACKBONE.NAME "
+                     f"{cfg.MODEL.BACKBONE.NAME!r} is a Swin-V2 classifier; use SETAR.SEARCHER {' or '.join(fits)}")
+    if not swin and kind == "swin":
+        raise _error(f"SETAR.SEARCHER {searcher} searches a Swin-V2 classifier, but MODEL.BACKBONE.NAME "
+                     f"{cfg.MODEL.BACKBONE.NAME!r} is a CLIP model; use e.g. visual_text, or a Swin-V2 snapshot")
+    if swin and not bool(cfg.SETAR.FREEZE_PROJ):
+        raise _error("SETAR.FREEZE_PROJ False searches W_p, which a Swin-V2 classifier does not have (its classifier "
+                     "is not searched); keep SETAR.FREEZE_PROJ True")
+
+
 def check_setar(cfg: Any, search: bool) -> Dict[str, Any]:
     """The ``SETAR.*`` checks of ``setar-search``, before anything is loaded.
 
@@ -372,6 +392,8 @@ def check_setar(cfg: Any, search: bool) -> Dict[str, Any]:
     s = cfg.SETAR
     out = {"weight_types": names["check_weight_types"](list(s.WEIGHT_TYPES)),
            "ratios": names["check_ratios"](list(s.RATIOS)), "criterion": str(s.CRITERION)}
+    if search:
+        _check_searcher_backbone(cfg)
     if search and out["criterion"] in ("auroc", "aupr", "fpr95"):
         if not list(s.OOD_VAL_DATASETS):
             raise _error(f"SETAR.CRITERION {out['criterion']!r} needs OOD validation sets in SETAR.OOD_VAL_DATASETS; "

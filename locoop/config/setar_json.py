@@ -8,10 +8,10 @@ first (``configs/setar/{imagenet,voc}/SeTAR.yaml`` for a training-free file,
 ``configs/setar/finetune/{imagenet,voc}/{SeTAR+FT,LoRA}.yaml`` for a fine-tuning one -- they carry
 the protocol points SeTAR's code fixes and its JSON does not state: preprocessing, optimiser, the
 class prompt), then the JSON's keys through :data:`KEYS`. A key absent from the JSON keeps that
-shipped config's value (SeTAR's published values), not SeTAR's argparse default. For a Swin-V2
-``model_name`` the base is the same CLIP config (no Swin-V2 SeTAR config is shipped), so its
-``INPUT`` values are CLIP's: SeTAR's Swin-V2 transform (:func:`locoop.models.swinv2.build_swin_preprocess`)
-is for the Swin-V2 path of the commands to apply; a search's benchmark scores become SeTAR's Swin-V2
+shipped config's value (SeTAR's published values), not SeTAR's argparse default. A Swin-V2 or
+CLIP-L/14 ``model_name`` builds on that family's shipped config when there is one
+(``.../swin_base/``, ``.../clip_large/``: e.g. a Swin-V2's ``INPUT.SIZE`` 256, at which its
+transforms run), else on the CLIP-B/16 one; a search's benchmark scores become SeTAR's Swin-V2
 ones (MCM, energy).
 
 Three kinds of keys:
@@ -324,6 +324,26 @@ def _repo_configs() -> Path:
     return Path(__file__).resolve().parents[2] / "configs" / "setar"
 
 
+#: Sub-folders of the shipped configs per backbone family, as SeTAR's configs/{training_free,finetune}/<family>.
+BACKBONE_FAMILIES = {"swin_base": "SwinTransformerV2", "clip_large": "ViT-L/14"}
+
+
+def _family_config(folder: Path, name: str, ctx: "_Ctx") -> Path:
+    """``folder/<family>/name`` for a Swin-V2 or CLIP-L/14 file when that config is shipped, else ``folder/name``.
+
+    The family's config carries what SeTAR's JSON does not state for that backbone (a Swin-V2's
+    ``INPUT.SIZE`` 256 and ImageNet mean / std; CLIP-L's batch size).
+    """
+    if ctx.swin:
+        family = "swin_base"
+    elif CLIP_MODELS.get(str(ctx.data.get("model_name", ""))) == BACKBONE_FAMILIES["clip_large"]:
+        family = "clip_large"
+    else:
+        return folder / name
+    candidate = folder / family / name
+    return candidate if candidate.is_file() else folder / name
+
+
 def setar_json_to_cfg(data: Any, source: str, path: Optional[str] = None) -> Tuple[Path, Out]:
     """Map a SeTAR JSON config to (our shipped config of its kind, ``{dotted key: value}`` overrides).
 
@@ -352,9 +372,9 @@ def setar_json_to_cfg(data: Any, source: str, path: Optional[str] = None) -> Tup
     _name, folder, _ood = ID_DATASETS.get(str(data.get("id_dataset", "ID_ImageNet1K")), ID_DATASETS["ID_ImageNet1K"])
     if ctx.finetune:
         lora = data.get("lora_svd_init", True) is False
-        base = _repo_configs() / "finetune" / folder / ("LoRA.yaml" if lora else "SeTAR+FT.yaml")
+        base = _family_config(_repo_configs() / "finetune" / folder, "LoRA.yaml" if lora else "SeTAR+FT.yaml", ctx)
     else:
-        base = _repo_configs() / folder / "SeTAR.yaml"
+        base = _family_config(_repo_configs() / folder, "SeTAR.yaml", ctx)
         if not ctx.searching and "lora_settings" not in data:
             out["SETAR.SETTINGS_FILE"] = "none"  # a Vanilla_* config: the unpruned model's benchmark
     return base, out

@@ -152,8 +152,20 @@ def build_test_transform(cfg) -> T.Compose:
                       T.ToTensor(), _normalize(cfg)])
 
 
+def _is_swin(cfg) -> bool:
+    from locoop.models.swinv2 import is_swinv2_backbone
+
+    backbone = getattr(getattr(cfg, "MODEL", None), "BACKBONE", None)
+    return is_swinv2_backbone(str(getattr(backbone, "NAME", "") or ""))
+
+
 def build_transform(cfg, is_train: bool = True, choices: Optional[Sequence[str]] = None) -> T.Compose:
     """Training or test pipeline from the config (Dassl's ``build_transform``).
+
+    A Swin-V2 backbone (``MODEL.BACKBONE.NAME``, :func:`locoop.models.swinv2.is_swinv2_backbone`) gets
+    SeTAR's Swin pipelines instead (:func:`~locoop.models.swinv2.build_swin_preprocess` for test,
+    :func:`~locoop.models.swinv2.build_swin_train_preprocess` for training) at ``max(INPUT.SIZE)``;
+    ``INPUT.TRANSFORMS`` / ``INPUT.INTERPOLATION`` / ``PIXEL_MEAN`` do not apply to it.
 
     With ``INPUT.NO_TRANSFORM`` the images are only resized to ``INPUT.SIZE`` and made tensors
     (no augmentation, no normalisation), so they can still be batched.
@@ -165,6 +177,11 @@ def build_transform(cfg, is_train: bool = True, choices: Optional[Sequence[str]]
         size = _input_size(cfg)
         return T.Compose([T.Resize(size, interpolation=get_interpolation(cfg.INPUT.INTERPOLATION), antialias=True),
                           T.ToTensor()])
+    if _is_swin(cfg):  # SeTAR's Swin-V2 pipelines (timm's), at INPUT.SIZE (256 in SeTAR's configs)
+        from locoop.models.swinv2 import build_swin_preprocess, build_swin_train_preprocess
+
+        n_px = max(_input_size(cfg))
+        return build_swin_train_preprocess(n_px) if is_train else build_swin_preprocess(n_px)
     if is_train:
         return build_train_transform(cfg, choices)
     check_transform_names(list(cfg.INPUT.TRANSFORMS if choices is None else choices))

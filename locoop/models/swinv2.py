@@ -568,6 +568,10 @@ class SwinV2Classifier(nn.Module):
         """Logits ``[B, K]``, or ``(logits [B, K], local logits [B, N, K])`` with ``N = H * W`` row-major."""
         return self.forward_from(self.stem(images), 0, return_local)
 
+    def class_logits(self, images: Tensor, return_local: bool = False) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+        """The OOD runner's logit-head interface (:mod:`locoop.ood.heads`): the same as :meth:`forward`."""
+        return self.forward(images, return_local)
+
     def reference_forward(self, images: Tensor) -> Tuple[Tensor, Tensor]:
         """Global and local logits computed the way SeTAR's modified model does (the naive twin).
 

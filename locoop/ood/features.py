@@ -10,8 +10,9 @@ read back as float32 for every computation.
 
 The benchmark streams batches and keeps only the scores, so its memory does not grow with the
 data set; consumers that reuse features (SeTAR, the cache) keep the whole :class:`FeatureSet`.
-Scores only need the text side on top: :func:`iter_similarities` turns features into cosine
-similarities chunk by chunk (never the whole ``[N, P, C]`` local tensor at once) and
+A classifier (Swin-V2) stores its raw class logits instead of features
+(:mod:`locoop.ood.heads`) and has no text side (``text_features = None``). Scores only need the
+text side on top: :func:`iter_similarities` turns features into cosine similarities chunk by chunk (never the whole ``[N, P, C]`` local tensor at once) and
 :func:`score_features` feeds the chunks to :func:`locoop.ood.scores.compute_scores`.
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from locoop.engine.precision import autocast
+from locoop.ood.heads import encode_batch
 
 __all__ = ["FeatureSet", "extract_features", "iter_feature_batches", "concat_features", "normalize_text_features",
            "iter_similarities", "score_features"]
@@ -83,12 +85,10 @@ def iter_feature_batches(clip_model: torch.nn.Module, loader: Iterable[dict], de
     for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
         images = batch["img"].to(device, non_blocking=True)
         with torch.no_grad(), autocast(device, amp):
-            out = clip_model.encode_image(images, return_local=with_local)
-            glob, loc = out if with_local else (out, None)
-            # Normalise in float32: fp16 norms of 512-d vectors lose digits the scores can see.
-            glob = F.normalize(glob.float(), dim=-1).cpu()
+            glob, loc = encode_batch(clip_model, images, with_local)  # CLIP features or classifier logits
+            glob = glob.cpu()
             if loc is not None:
-                loc = F.normalize(loc.float(), dim=-1).to(local_dtype).cpu()
+                loc = loc.to(local_dtype).cpu()
         yield FeatureSet(global_feats=glob, local_feats=loc, labels=torch.as_tensor(batch["label"]).long().cpu(),
                          impaths=list(batch["impath"]))
 
@@ -166,14 +166,15 @@ def _rows_per_chunk(features: FeatureSet, num_classes: int, use_local: bool, chu
 
 
 @torch.inference_mode()
-def iter_similarities(features: FeatureSet, text_features: torch.Tensor, use_local: bool = True,
+def iter_similarities(features: FeatureSet, text_features: Optional[torch.Tensor], use_local: bool = True,
                       device: Optional[Device] = None, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
                       extra_columns: int = 0) -> Iterator[Tuple[int, int, torch.Tensor, Optional[torch.Tensor]]]:
     """Cosine similarities with the class texts, in row chunks.
 
     Args:
         features: image features (normalised).
-        text_features: ``[C, D]`` class text features (normalised here again, in float32).
+        text_features: ``[C, D]`` class text features (normalised here again, in float32), or None when
+            the features are a classifier's class logits (:mod:`locoop.ood.heads`): yielded as they are.
         use_local: also yield the local similarities ``[n, P, C]``.
         device: where to compute (default: the text features' device).
         chunk_elements: bound on rows x ((1 + P) x C + extra_columns) per chunk.
@@ -185,6 +186,16 @@ def iter_similarities(features: FeatureSet, text_features: torch.Tensor, use_loc
     Raises:
         ValueError: feature dimensions differ, or local similarities asked without local features.
     """
+    if use_local and not features.has_local:
+        raise ValueError("local similarities requested but the features were extracted with with_local=False")
+    if text_features is None:  # a logit head (locoop.ood.heads): the features are the class logits
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        step = _rows_per_chunk(features, int(features.global_feats.shape[1]), use_local, chunk_elements, extra_columns)
+        for lo in range(0, len(features), step):
+            hi = min(len(features), lo + step)
+            loc = features.local_feats[lo:hi].to(dev, torch.float32) if use_local else None
+            yield lo, hi, features.global_feats[lo:hi].to(dev, torch.float32), loc
+        return
     text = normalize_text_features(text_features)
     dev = torch.device(device) if device is not None else text.device
     text = text.to(dev)
@@ -192,8 +203,6 @@ def iter_similarities(features: FeatureSet, text_features: torch.Tensor, use_loc
     if text.shape[1] != d:
         raise ValueError(f"text features have dimension {text.shape[1]} but image features {d}; "
                          "they must come from the same CLIP model")
-    if use_local and not features.has_local:
-        raise ValueError("local similarities requested but the features were extracted with with_local=False")
     text_t = text.t().contiguous()
     step = _rows_per_chunk(features, text.shape[0], use_local, chunk_elements, extra_columns)
     n = len(features)
@@ -206,7 +215,7 @@ def iter_similarities(features: FeatureSet, text_features: torch.Tensor, use_loc
         yield lo, hi, g, loc
 
 
-def score_features(features: FeatureSet, text_features: torch.Tensor, names: Optional[Sequence[str]] = None,
+def score_features(features: FeatureSet, text_features: Optional[torch.Tensor], names: Optional[Sequence[str]] = None,
                    T: float = 1.0, logit_scale: float = 100.0, lambda_local: float = 1.0,
                    device: Optional[Device] = None, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
                    banks: Optional[Dict[str, object]] = None) -> Tuple[Dict[str, np.ndarray], np.ndarray]:
@@ -214,7 +223,7 @@ def score_features(features: FeatureSet, text_features: torch.Tensor, names: Opt
 
     Args:
         features: image features; local ones are needed when a local score is asked for.
-        text_features: ``[C, D]`` class text features.
+        text_features: ``[C, D]`` class text features, or None for a classifier's logits (:mod:`locoop.ood.heads`).
         names: score names (``locoop.ood.scores.list_scores()``); None = all the features allow.
         T: softmax temperature on the cosine similarity.
         logit_scale: CLIP's logit scale (only ``energy-logit`` uses it).

@@ -197,7 +197,23 @@ def cache_local_dtype(cfg: Any) -> torch.dtype:
 
 
 # ------------------------------------------------------------------------------------ checks
-def _check_text_features(cfg: Any, text_features: torch.Tensor, dataset: Any) -> None:
+def _check_text_features(cfg: Any, text_features: Optional[torch.Tensor], dataset: Any,
+                         model: Optional[torch.nn.Module] = None, checked: Optional[Mapping[str, Any]] = None) -> None:
+    from locoop.ood.heads import outputs_logits
+
+    if model is not None and outputs_logits(model):  # a classifier: its logits are the similarities
+        if text_features is not None:
+            raise ValueError(f"{type(model).__name__} outputs class logits; pass text_features=None")
+        if (checked or {}).get("text_banks"):
+            raise ValueError(f"the scores {sorted(checked['text_banks'])} need text features (negative labels); "
+                             f"{type(model).__name__} has no text side; drop them from OOD.SCORES")
+        k = int(model.num_classes)
+        if k != dataset.num_classes:
+            raise ValueError(f"the classifier has {k} classes but the ID dataset {cfg.DATASET.NAME} has "
+                             f"{dataset.num_classes}; evaluate it on the dataset it was trained on")
+        if not dataset.test:
+            raise ValueError(f"the ID dataset {cfg.DATASET.NAME} has no test images")
+        return
     if not isinstance(text_features, torch.Tensor) or text_features.ndim != 2:
         raise ValueError("text_features must be a [C, D] tensor of class text features")
     if text_features.shape[0] != dataset.num_classes:
@@ -215,7 +231,7 @@ class _Context:
 
     cfg: Any
     clip_model: torch.nn.Module
-    text_features: torch.Tensor
+    text_features: Optional[torch.Tensor]  # None: the model outputs class logits (locoop.ood.heads)
     scores: list
     T: float
     logit_scale: float
@@ -431,7 +447,7 @@ def write_plots(out: Path, results: Mapping[str, SetResult], scores: Sequence[st
 
 
 # ------------------------------------------------------------------------------------ the benchmark
-def run_ood_benchmark(cfg: Any, clip_model: torch.nn.Module, text_features: torch.Tensor,
+def run_ood_benchmark(cfg: Any, clip_model: torch.nn.Module, text_features: Optional[torch.Tensor],
                       output_dir: Union[str, Path], meta: Optional[Mapping[str, Any]] = None,
                       device: Optional[Union[str, torch.device]] = None, dataset: Any = None,
                       verbose: bool = True, use_cache: Optional[bool] = None,
@@ -443,8 +459,10 @@ def run_ood_benchmark(cfg: Any, clip_model: torch.nn.Module, text_features: torc
             ``INPUT.*`` for the test transform, ``OOD.DATASETS``, ``OOD.SCORES``, ``OOD.T``,
             ``OOD.FPR_CONVENTION``, ``OOD.PLOT``, ``OOD.CACHE_*``, ``OOD.BENCHMARK``,
             ``OOD.BOOTSTRAP*``, ``OOD.NEGLABEL.*``).
-        clip_model: CLIP model with ``encode_image(images, return_local=True)`` in eval mode.
-        text_features: ``[C, D]`` class text features (normalised or not; normalised here).
+        clip_model: CLIP model with ``encode_image(images, return_local=True)`` in eval mode, or a
+            classifier with ``class_logits`` (a Swin-V2; :mod:`locoop.ood.heads`).
+        text_features: ``[C, D]`` class text features (normalised or not; normalised here); None for
+            a classifier (its logits are the similarities, ``logit_scale`` 1).
         output_dir: where ``ood_results.{md,csv,json}``, ``ood_scores.npz`` and ``plots/`` go.
         meta: extra provenance for ``ood_results.json`` (model dir, epoch, trainer, ...);
             the config, dataset hashes, image counts and environment are added here.
@@ -470,6 +488,7 @@ def run_ood_benchmark(cfg: Any, clip_model: torch.nn.Module, text_features: torc
         image is encoded); a text-feature count that differs from the dataset's classes.
     """
     from locoop.data import build_dataset, build_transform
+    from locoop.ood.heads import head_logit_scale
     from locoop.ood.metrics import ood_metrics
     from locoop.ood.results import format_table, write_results
 
@@ -477,18 +496,18 @@ def run_ood_benchmark(cfg: Any, clip_model: torch.nn.Module, text_features: torc
     checked = check_benchmark_inputs(cfg)
     if dataset is None:
         dataset = build_dataset(cfg, need_train=False)
-    _check_text_features(cfg, text_features, dataset)
+    _check_text_features(cfg, text_features, dataset, clip_model, checked)
     ood_items = benchmark_ood_sets(cfg)
     device = torch.device(device) if device is not None else _model_device(clip_model)
     dist.init_from_env(device)  # no-op without torchrun
     main = dist.is_main_process()
     verbose = verbose and main
     precision = benchmark_precision(cfg, precision)
-    ctx = _Context(cfg=cfg, clip_model=clip_model, text_features=text_features.detach().to(device),
+    ctx = _Context(cfg=cfg, clip_model=clip_model,
+                   text_features=None if text_features is None else text_features.detach().to(device),
                    scores=checked["scores"], T=checked["T"], lambda_local=checked["lambda_local"],
-                   with_local=checked["with_local"],
-                   logit_scale=float(clip_model.logit_scale.exp().item()) if hasattr(clip_model, "logit_scale")
-                   else 100.0, tfm=build_transform(cfg, is_train=False), device=device,
+                   with_local=checked["with_local"], logit_scale=head_logit_scale(clip_model),
+                   tfm=build_transform(cfg, is_train=False), device=device,
                    amp=extraction_amp(cfg, device, precision), batch_size=int(cfg.DATALOADER.TEST.BATCH_SIZE),
                    verbose=verbose, local_dtype=cache_local_dtype(cfg))
     use_cache = bool(getattr(cfg.OOD, "USE_CACHE", False)) if use_cache is None else bool(use_cache)

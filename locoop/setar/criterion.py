@@ -5,7 +5,9 @@
   L2-normalised global and local image features and the class text features (the CLIP head's
   :func:`~locoop.models.head.class_logits`); the loss is computed per image batch and averaged
   with the batch sizes as weights, as SeTAR does (its per-batch means are repeated ``len(batch)``
-  times before the mean). ``acc`` (top-1 accuracy in percent) is reported alongside.
+  times before the mean). ``acc`` (top-1 accuracy in percent) is reported alongside. A classifier
+  (Swin-V2; no text side, ``text`` None) gives its global and local logits directly, used as they
+  are (``logit_scale`` 1: SeTAR's Swin loss takes the raw logits).
 * ``auroc`` / ``aupr`` (higher is better), ``fpr95`` (lower is better) -- metrics of ``score``
   (e.g. GL-MCM) with the ID validation images as positives and OOD validation images as
   negatives (:func:`locoop.ood.metrics.ood_metrics`, MCM's definitions). Needs OOD validation images.
@@ -13,7 +15,7 @@
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -63,11 +65,15 @@ class Criterion:
         return -math.inf if self.higher_is_better else math.inf
 
     @torch.no_grad()
-    def __call__(self, id_feats: ImageFeatures, ood_feats: ImageFeatures, text: Tensor) -> Dict[str, float]:
-        """``{"criterion": value, <parts>}`` of one candidate."""
+    def __call__(self, id_feats: ImageFeatures, ood_feats: ImageFeatures, text: Optional[Tensor]) -> Dict[str, float]:
+        """``{"criterion": value, <parts>}`` of one candidate (``text`` None: the features are class logits)."""
         if not self.needs_ood:
             return self._loss_parts(id_feats, text)
         return self._metric_parts(id_feats, ood_feats, text)
+
+    def _logits(self, feats: Tensor, text: Optional[Tensor]) -> Tensor:
+        """``logit_scale * cos`` for CLIP features; a classifier's features are its logits already (text None)."""
+        return feats if text is None else class_logits(feats, text, self.logit_scale)
 
     def _loss_parts(self, id_feats: ImageFeatures, text: Tensor) -> Dict[str, float]:
         from locoop.trainers.loss import locoop_loss  # the one LoCoOp loss of the project
@@ -76,8 +82,7 @@ class Criterion:
         correct = n = 0
         for (g, loc), labels in zip(id_feats, self.id_labels):
             labels = labels.to(g.device)
-            logits_g = class_logits(g, text, self.logit_scale)
-            logits_l = class_logits(loc, text, self.logit_scale)
+            logits_g, logits_l = self._logits(g, text), self._logits(loc, text)
             t, i, o = locoop_loss(logits_g, logits_l, labels, self.lam, self.top_k)
             b = int(labels.shape[0])
             # SeTAR weights each batch's mean by the batch size.
@@ -99,7 +104,10 @@ class Criterion:
 
         def scores(feats: ImageFeatures) -> np.ndarray:
             # one score requested: take the only entry (its key is the canonical name)
-            out = [next(iter(compute_scores(g @ text.t(), loc @ text.t(), names=[self.score], T=self.T).values()))
+            def sim(x: Tensor) -> Tensor:
+                return x if text is None else x @ text.t()
+
+            out = [next(iter(compute_scores(sim(g), sim(loc), names=[self.score], T=self.T).values()))
                    for g, loc in feats]
             return np.concatenate(out)
 

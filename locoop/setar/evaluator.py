@@ -44,7 +44,8 @@ class SearchData:
 
     Attributes:
         id_batches: ``[(images [B, 3, H, W], labels [B]), ...]`` preprocessed ID validation images.
-        text: the class prompts (:class:`~locoop.models.head.ClassPrompts`).
+        text: the class prompts (:class:`~locoop.models.head.ClassPrompts`); None for a classifier
+            whose outputs are its class logits (a Swin-V2, :func:`locoop.setar.lowrank.is_block_model`).
         ood_batches: ``[images, ...]`` OOD validation images (metric criteria only).
         reload: optional ``() -> (id_batches, ood_batches)`` that decodes the images again;
             the naive mode calls it for every candidate, like the reference does. It must give
@@ -52,7 +53,7 @@ class SearchData:
     """
 
     id_batches: List[Tuple[Tensor, Tensor]]
-    text: ClassPrompts
+    text: Optional[ClassPrompts]
     ood_batches: List[Tensor] = field(default_factory=list)
     reload: Optional[Callable[[], Tuple[list, list]]] = None
 
@@ -62,8 +63,9 @@ class SearchData:
         for images, labels in self.id_batches:
             if images.ndim != 4 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
                 raise ValueError("SearchData.id_batches must hold (images [B, 3, H, W], labels [B]) pairs")
-        if not isinstance(self.text, ClassPrompts):
-            raise ValueError("SearchData.text must be ClassPrompts (tokens, or prompt-learner embeddings)")
+        if self.text is not None and not isinstance(self.text, ClassPrompts):
+            raise ValueError("SearchData.text must be ClassPrompts (tokens, or prompt-learner embeddings), or None "
+                             "for a classifier without a text side (Swin-V2)")
 
     @property
     def num_id(self) -> int:

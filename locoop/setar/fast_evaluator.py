@@ -17,7 +17,9 @@ What it saves over recomputing everything (:mod:`locoop.setar.naive_evaluator`),
 * the features of the best candidate of a step are kept, so committing it costs nothing.
 
 Block-level access goes through :class:`clip.model.CLIP`'s ``visual_*`` / ``text_*`` methods,
-the same operations ``encode_image`` / ``encode_text`` perform.
+the same operations ``encode_image`` / ``encode_text`` perform; for a Swin-V2 classifier (one
+tower, no text side) through :class:`~locoop.models.swinv2.SwinV2Classifier`'s ``stem`` /
+``run_blocks`` / ``forward_from``, its raw logits the criterion's input.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ import torch
 from locoop.models.head import ClassPrompts, l2_normalize
 
 from .evaluator import Counter, Evaluator, Parts, register_evaluator
+from .lowrank import is_block_model
 from .searchers import Step
 
 Tensor = torch.Tensor
@@ -42,6 +45,11 @@ class _VisualTower:
     def __init__(self, model, counter: Counter) -> None:
         self.model, self.counter = model, counter
         self.n_layers = model.num_visual_blocks
+
+    @staticmethod
+    def index(layer: int) -> int:
+        """Forward-order block index of a step's layer (the prefix-cache key)."""
+        return layer
 
     def stem(self, images: Tensor) -> Tensor:
         return self.model.visual_stem(images)
@@ -64,6 +72,34 @@ class _VisualTower:
         return l2_normalize(self.model.visual_project(pre[0])), l2_normalize(self.model.visual_project(pre[1]))
 
 
+class _ClassifierTower:
+    """A block-addressed classifier (Swin-V2) block by block: states entering blocks in, raw logits out.
+
+    Blocks are indexed in forward order over the stages (a step's ``(stage, block)`` through
+    :meth:`index`); a stage's patch merging belongs to the step out of its last block
+    (:meth:`locoop.models.swinv2.SwinV2Classifier.run_blocks`).
+    """
+
+    def __init__(self, model, counter: Counter) -> None:
+        self.model, self.counter = model, counter
+        self.n_layers = model.num_blocks
+
+    def index(self, layer) -> int:
+        return self.model.block_index(layer)
+
+    def stem(self, images: Tensor) -> Tensor:
+        return self.model.stem(images)
+
+    def run_blocks(self, h: Tensor, start: int, end: int, chunk: int) -> Tensor:
+        self.counter.add("visual_layer_passes", (end - start) * h.shape[0])
+        return self.model.run_blocks(h, start, end)
+
+    def finish(self, h: Tensor, start: int, chunk: int) -> Tuple[Tensor, Tensor]:
+        self.counter.add("visual_layer_passes", (self.n_layers - start) * h.shape[0])
+        g, loc = self.model.forward_from(h, start, return_local=True)
+        return g.float(), loc.float()
+
+
 class _TextTower:
     """The text tower block by block over the prompt chunks, counting block passes."""
 
@@ -71,6 +107,10 @@ class _TextTower:
         self.model, self.prompts, self.device, self.counter = model, prompts, device, counter
         self.n_layers = model.num_text_blocks
         self._eot: List[Tensor] = []
+
+    @staticmethod
+    def index(layer: int) -> int:
+        return layer
 
     def inputs(self) -> List[Tensor]:
         """Hidden states entering block 0, per prompt chunk (as ``encode_text*`` build them)."""
@@ -154,8 +194,11 @@ class FastEvaluator(Evaluator):
         self.image_batches = [im for im, _ in data.id_batches] + (list(data.ood_batches) if self.criterion.needs_ood
                                                                    else [])
         self.n_id_chunks = len(data.id_batches)
-        self.visual = _VisualTower(model, self.counter) if model.num_visual_blocks else None
-        self.text = _TextTower(model, data.text, self.device, self.counter)
+        if is_block_model(model):  # a Swin-V2 classifier: one tower, no text side (its logits are the output)
+            self.visual, self.text = _ClassifierTower(model, self.counter), None
+        else:
+            self.visual = _VisualTower(model, self.counter) if model.num_visual_blocks else None
+            self.text = _TextTower(model, data.text, self.device, self.counter)
         self._vis_prefix: Optional[PrefixCache] = None
         self._txt_prefix: Optional[PrefixCache] = None
         self._vis_pre: Optional[list] = None
@@ -207,8 +250,10 @@ class FastEvaluator(Evaluator):
                 self._image_feats = feats
         return self._image_feats
 
-    def text_feats(self) -> Tensor:
-        """Normalised class features of the committed model (fixed during visual steps)."""
+    def text_feats(self) -> Optional[Tensor]:
+        """Normalised class features of the committed model (fixed during visual steps); None for a classifier."""
+        if self.text is None:
+            return None
         if self._text_feats is None:
             if self._txt_pre is not None:
                 self._text_feats = torch.cat([self.text.project(p, i) for i, p in enumerate(self._txt_pre)])
@@ -255,14 +300,15 @@ class FastEvaluator(Evaluator):
                 pre = self._txt_pre
             hs = None
         else:
-            hs = (self.vis_prefix() if visual else self.txt_prefix()).get(step.layer)
+            hs = (self.vis_prefix() if visual else self.txt_prefix()).get(tower.index(step.layer))
         # Everything above was computed with the committed weights; only now the candidate goes in.
         self.editor.apply(step.tower, step.weight_type, step.layer, ratio)
         try:
             if hs is None:
                 feats = [tower.project(p, i) for i, p in enumerate(pre)]
             else:
-                feats = [tower.finish(h, step.layer, i) for i, h in enumerate(hs)]
+                start = tower.index(step.layer)
+                feats = [tower.finish(h, start, i) for i, h in enumerate(hs)]
         finally:
             self.editor.revert(step.tower, step.weight_type, step.layer)
         if visual:
@@ -285,7 +331,7 @@ class FastEvaluator(Evaluator):
             self._image_feats = feats
             if step.weight_type != "W_p":
                 if self._vis_prefix is not None:
-                    self._vis_prefix.invalidate_above(step.layer)
+                    self._vis_prefix.invalidate_above(self.visual.index(step.layer))
                 self._vis_pre = None
         else:
             self._text_feats = feats

@@ -27,6 +27,11 @@ SVD split does. Which components go is the prune type:
   (ablation). The permutation is fixed per matrix, so a larger ratio removes a superset.
 
 Biases are never touched. ``r = 0`` restores the original tensor bit for bit.
+
+A block-addressed classifier (:class:`locoop.models.swinv2.SwinV2Classifier`, recognised by its
+``block_layer`` method: :func:`is_block_model`) has one tower, ``visual``, and SeTAR's Swin layer
+naming: ``layer`` is a ``[stage, block]`` pair (``[3, 1]`` = stage 3, block 1; a tuple inside, a
+list in JSON), the matrices are the model's own ``get_linear`` (W_q .. W_down; no W_p).
 """
 from __future__ import annotations
 
@@ -38,6 +43,8 @@ import torch
 from torch import nn
 
 __all__ = [
+    "is_block_model",
+    "normalize_layer",
     "WEIGHT_TYPES",
     "BLOCK_WEIGHT_TYPES",
     "TOWERS",
@@ -91,9 +98,29 @@ def _tower_transformer(model: nn.Module, tower: str) -> nn.Module:
     return transformer
 
 
+def is_block_model(model: nn.Module) -> bool:
+    """Whether ``model`` addresses its blocks as ``[stage, block]`` (a Swin-V2 classifier), not as CLIP towers."""
+    return callable(getattr(model, "block_layer", None)) and callable(getattr(model, "get_linear", None))
+
+
+def normalize_layer(layer):
+    """A layer as a hashable key: a ``[stage, block]`` list (JSON) becomes a tuple; ints and None stay."""
+    return tuple(layer) if isinstance(layer, list) else layer
+
+
 def num_layers(model: nn.Module, tower: str) -> int:
-    """Number of transformer blocks of a tower (``"visual"`` or ``"text"``)."""
+    """Number of transformer blocks of a tower (``"visual"`` or ``"text"``; a Swin-V2's blocks over all stages)."""
+    if is_block_model(model):
+        _block_model_tower(model, tower)
+        return int(model.num_blocks)
     return len(_tower_transformer(model, tower).resblocks)
+
+
+def _block_model_tower(model: nn.Module, tower: str) -> None:
+    _check_tower(tower)
+    if tower != "visual":
+        raise ValueError(f"{type(model).__name__} is a vision-only classifier: it has no {tower} tower; "
+                         "its matrices are the 'visual' tower's")
 
 
 def get_linear(model: nn.Module, tower: str, weight_type: str, layer: Optional[int] = None) -> nn.Linear:
@@ -109,6 +136,9 @@ def get_linear(model: nn.Module, tower: str, weight_type: str, layer: Optional[i
         ValueError: unknown tower or weight type, or a layer outside the tower's range
             (the messages list the valid choices).
     """
+    if is_block_model(model):  # SeTAR's Swin naming: layer = [stage, block]
+        _block_model_tower(model, tower)
+        return model.get_linear(weight_type, normalize_layer(layer))
     _check_tower(tower)
     _check_weight_type(weight_type)
     if weight_type == "W_p":
@@ -207,7 +237,7 @@ class LowRankEditor:
     # ------------------------------------------------------------------ helpers
     def linear(self, tower: str, weight_type: str, layer: Optional[int] = None) -> nn.Linear:
         """The edited module (see :func:`get_linear`)."""
-        return get_linear(self.model, tower, weight_type, layer)
+        return get_linear(self.model, tower, weight_type, normalize_layer(layer))
 
     def _remember(self, key: Key, lin: nn.Linear) -> torch.Tensor:
         if key not in self._original:
@@ -217,7 +247,7 @@ class LowRankEditor:
     def svd(self, tower: str, weight_type: str, layer: Optional[int] = None
             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(U, S, Vh)`` of the original matrix in float32 (singular values descending), cached."""
-        key = (tower, weight_type, layer)
+        key = (tower, weight_type, normalize_layer(layer))
         if key not in self._svd:
             original = self._remember(key, self.linear(*key))
             self._svd[key] = torch.linalg.svd(original.float(), full_matrices=False)
@@ -230,7 +260,7 @@ class LowRankEditor:
 
     def removed_indices(self, tower: str, weight_type: str, layer: Optional[int], k: int) -> torch.Tensor:
         """Indices (into the descending singular values) of the ``k`` removed components."""
-        key = (tower, weight_type, layer)
+        key = (tower, weight_type, normalize_layer(layer))
         full = self.svd(*key)[1].numel()
         if self.prune_type == "small":
             return torch.arange(full - k, full)
@@ -245,7 +275,7 @@ class LowRankEditor:
 
     def pruned_weight(self, tower: str, weight_type: str, layer: Optional[int], ratio: float) -> torch.Tensor:
         """The approximated weight for ``ratio`` (the original tensor itself when nothing is removed)."""
-        key = (tower, weight_type, layer)
+        key = (tower, weight_type, normalize_layer(layer))
         k = self.n_removed(*key, ratio)
         original = self._remember(key, self.linear(*key))
         if k == 0:
@@ -265,7 +295,7 @@ class LowRankEditor:
             ValueError: bad tower/type/layer, a ratio neither in [0, 1) nor a whole number >= 1, or
                 one removing every component -- checked before anything is changed.
         """
-        key = (tower, weight_type, layer)
+        key = (tower, weight_type, normalize_layer(layer))
         lin = self.linear(*key)
         k = n_removed(ratio, tuple(lin.weight.shape), _describe(key))
         if k == 0 and key not in self._original:
@@ -280,7 +310,7 @@ class LowRankEditor:
     @torch.no_grad()
     def revert(self, tower: str, weight_type: str, layer: Optional[int] = None) -> None:
         """Restore the original weight of one matrix exactly (no-op if it was never edited)."""
-        key = (tower, weight_type, layer)
+        key = (tower, weight_type, normalize_layer(layer))
         if key in self._original:
             self.linear(*key).weight.copy_(self._original[key])
         self.applied.pop(key, None)
@@ -292,5 +322,5 @@ class LowRankEditor:
 
     def original_weight(self, tower: str, weight_type: str, layer: Optional[int] = None) -> torch.Tensor:
         """The exact copy of the original weight (taken on first use)."""
-        key = (tower, weight_type, layer)
+        key = (tower, weight_type, normalize_layer(layer))
         return self._remember(key, self.linear(*key))

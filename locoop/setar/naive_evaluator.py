@@ -11,11 +11,16 @@ encoded again. The paths share nothing with the fast mode's (:mod:`locoop.setar.
   and no length buckets (:func:`clip.naive.encode_text_full_naive` /
   :func:`clip.naive.encode_text_embeddings_full_naive`).
 
+A Swin-V2 classifier (no text side) is run as SeTAR's modified model runs it
+(:meth:`locoop.models.swinv2.SwinV2Classifier.reference_forward`: the value path on the shifted window
+partition in every block, carried through the patch merges, the last block's kept), its raw logits
+the criterion's input.
+
 So fast-vs-naive agreement checks the cached, truncated fast path against an independent one.
 """
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -24,6 +29,7 @@ from clip.naive import (encode_image_value_path_every_block, encode_text_embeddi
 from locoop.models.head import l2_normalize
 
 from .evaluator import Evaluator, Parts, register_evaluator
+from .lowrank import is_block_model
 from .searchers import Step
 
 Tensor = torch.Tensor
@@ -37,20 +43,26 @@ class NaiveEvaluator(Evaluator):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.n_visual = self.model.num_visual_blocks
-        self.n_text = self.model.num_text_blocks
+        self.classifier = is_block_model(self.model)  # a Swin-V2: no text side, logits out
+        self.n_visual = self.model.num_blocks if self.classifier else self.model.num_visual_blocks
+        self.n_text = 0 if self.classifier else self.model.num_text_blocks
 
     def _image_feats(self, batches) -> List[Tuple[Tensor, Tensor]]:
         out = []
         for images in batches:
-            g, loc = encode_image_value_path_every_block(self.model, images.to(self.device))
+            if self.classifier:  # SeTAR's modified Swin: value path in every block, through the merges
+                g, loc = self.model.reference_forward(images.to(self.device))
+            else:
+                g, loc = encode_image_value_path_every_block(self.model, images.to(self.device))
             self.counter.add("visual_layer_passes", self.n_visual * images.shape[0])
             # the reference's extra value path in every block
             self.counter.add("visual_value_paths", self.n_visual * images.shape[0])
-            out.append((l2_normalize(g), l2_normalize(loc)))
+            out.append((g.float(), loc.float()) if self.classifier else (l2_normalize(g), l2_normalize(loc)))
         return out
 
-    def _text_feats(self) -> Tensor:
+    def _text_feats(self) -> Optional[Tensor]:
+        if self.classifier:
+            return None
         prompts, feats = self.data.text, []
         for sl in prompts.chunks():
             x, eot = prompts.chunk(sl, self.device)

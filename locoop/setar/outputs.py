@@ -3,7 +3,7 @@
 Files in the output folder:
 
 * ``search_log.csv`` / ``search_log.json`` -- one row per candidate (columns :data:`LOG_COLUMNS`:
-  step, tower, weight_type, layer (empty for W_p), ratio, n_removed (singular components removed),
+  step, tower, weight_type, layer (empty for W_p; ``[stage, block]`` for a Swin-V2), ratio, n_removed (singular components removed),
   criterion (the selected one's value), the parts (loss, loss_id, loss_ood, acc for loss criteria;
   auroc, aupr, fpr95 for metric criteria; empty otherwise), chosen (the step's selected
   candidate), reused (value taken from an identical earlier evaluation, not recomputed -- fast
@@ -97,6 +97,13 @@ class SearchProgress:
                              "delete it to start the search over") from None
 
 
+def _cell(value) -> object:
+    """A CSV cell: empty for None, ``[stage, block]`` as JSON (a Swin-V2 layer), else the value."""
+    if value is None:
+        return ""
+    return json.dumps(list(value)) if isinstance(value, (list, tuple)) else value
+
+
 def write_search_log(output_dir: PathLike, log: Sequence[dict]) -> Dict[str, Path]:
     """Write ``search_log.csv`` and ``search_log.json`` (see the module docstring for the columns)."""
     out = Path(output_dir)
@@ -104,7 +111,7 @@ def write_search_log(output_dir: PathLike, log: Sequence[dict]) -> Dict[str, Pat
     w = csv.DictWriter(buf, fieldnames=LOG_COLUMNS, extrasaction="ignore")
     w.writeheader()
     for row in log:
-        w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in LOG_COLUMNS})
+        w.writerow({k: _cell(row.get(k)) for k in LOG_COLUMNS})
     return {"csv": atomic_write_text(out / LOG_CSV, buf.getvalue()),
             "json": atomic_write_text(out / LOG_JSON, json.dumps(list(log), indent=1))}
 

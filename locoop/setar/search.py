@@ -32,10 +32,11 @@ from torch import nn
 from tqdm import tqdm
 
 from locoop.models.head import ClassPrompts
+from locoop.ood.heads import head_logit_scale
 
 from .criterion import CRITERIA, LOSS_CRITERIA, Criterion
 from .evaluator import Counter, SearchData, build_evaluator, list_modes
-from .lowrank import LowRankEditor, get_linear, n_removed, num_layers
+from .lowrank import LowRankEditor, get_linear, is_block_model, n_removed, normalize_layer, num_layers
 from .outputs import LOG_COLUMNS, SearchProgress, check_identity, write_final_outputs, write_progress, write_search_log
 from .searchers import Step, build_steps, get_searcher
 
@@ -138,7 +139,9 @@ def search_identity(num_classes: int, searcher: str = "visual_text", weight_type
     return out
 
 
-def _layer_num(model: nn.Module) -> Dict[str, int]:
+def _layer_num(model: nn.Module) -> Dict[str, Any]:
+    if is_block_model(model):  # Swin-V2: one tower, blocks per stage (SeTAR's layer_num for Swin)
+        return {"visual": list(model.depths)}
     out = {"text": num_layers(model, "text")}
     if hasattr(model.visual, "transformer"):
         out["visual"] = num_layers(model, "visual")
@@ -153,6 +156,10 @@ def _parts(row: Mapping[str, Any]) -> Dict[str, float]:
     return {k: v for k, v in row.items() if k not in _ROW_KEYS}
 
 
+def _row_step(row: Mapping[str, Any]) -> Step:
+    return Step(row["tower"], row["weight_type"], normalize_layer(row["layer"]))
+
+
 def _restore(progress: SearchProgress, pool: List[Step], exhaustive: bool
              ) -> Tuple[List[Tuple[Step, float]], Dict[Tuple[Step, float], dict], Optional[dict]]:
     """Committed steps, known candidate results and the incumbent of a resumed search; ``pool``
@@ -163,7 +170,7 @@ def _restore(progress: SearchProgress, pool: List[Step], exhaustive: bool
     """
     committed: List[Tuple[Step, float]] = []
     for i, (tower, weight_type, layer, ratio) in enumerate(progress.settings):
-        step = Step(tower, weight_type, layer)
+        step = Step(tower, weight_type, normalize_layer(layer))  # a JSON [stage, block] -> tuple
         if step not in pool or (not exhaustive and step != pool[0]):
             raise ValueError(f"the progress's step {i} ({_describe(step)}) is not where this search's steps go; "
                              "delete the progress file to start the search over")
@@ -177,9 +184,8 @@ def _restore(progress: SearchProgress, pool: List[Step], exhaustive: bool
         incumbent = _parts(chosen[-1])
     # Results of candidates evaluated on the model as it is now: the rows since the last non-zero commit.
     last_change = max((i for i, (_, r) in enumerate(committed) if r > 0), default=-1)
-    known = {(Step(row["tower"], row["weight_type"], row["layer"]), float(row["ratio"])): _parts(row)
-             for row in progress.log if row["step"] > last_change and row["ratio"] > 0
-             and Step(row["tower"], row["weight_type"], row["layer"]) in pool}
+    known = {(_row_step(row), float(row["ratio"])): _parts(row)
+             for row in progress.log if row["step"] > last_change and row["ratio"] > 0 and _row_step(row) in pool}
     return committed, known, incumbent
 
 
@@ -262,7 +268,7 @@ def run_search(
     for s in steps:
         lin = get_linear(model, *s)
         n_removed(ratios[-1], tuple(lin.weight.shape), _describe(s))
-    n_classes = data.text.num_classes
+    n_classes = data.text.num_classes if data.text is not None else int(model.num_classes)
     if criterion in LOSS_CRITERIA and not 1 <= int(top_k) <= n_classes:
         raise ValueError(f"top-K {top_k} of the LoCoOp criterion must be in 1..{n_classes} (the number of classes); "
                          "set SETAR.TOPK (SeTAR: 300 for ImageNet-1K, 4 for VOC)")
@@ -290,8 +296,7 @@ def run_search(
     counter = Counter(visual_layer_passes=0, text_layer_passes=0, candidates_evaluated=0, candidates_reused=0)
     for k, v in progress.counters.items():
         counter.add(k, v)
-    crit = Criterion(criterion, lam, top_k, score, T, float(model.logit_scale.detach().exp()),
-                     [lbl for _, lbl in data.id_batches])
+    crit = Criterion(criterion, lam, top_k, score, T, head_logit_scale(model), [lbl for _, lbl in data.id_batches])
     ev = build_evaluator(mode, model, data, editor, crit, device, counter, cache_bytes=cache_gib * 2 ** 30)
     ev.restore(committed, known, incumbent)
     if verbose and resume is not None:
@@ -340,7 +345,7 @@ def run_search(
             bar.close()
             if best_row is None:  # nothing beat the incumbent: ratio 0 for the first matrix of the group
                 best_row = next(row for row in log[::-1] if row["step"] == step_idx and row["ratio"] == 0
-                                and (row["tower"], row["weight_type"], row["layer"]) == tuple(best_step))
+                                and _row_step(row) == best_step)
             best_row["chosen"] = True
             incumbent = _parts(best_row)
             ev.commit(best_step, best_ratio, incumbent)

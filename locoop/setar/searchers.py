@@ -9,6 +9,9 @@ visited **top to bottom** (``L-1 .. 0``), as in SeTAR (X1AOX1A/SeTAR ``svd_ood/s
 * ``visual_only`` / ``text_only`` -- one tower;
 * ``modality_interleaved`` -- visual ``L-1``, text ``L-1``, visual ``L-2``, text ``L-2``, ...
   (towers of different depth: the deeper tower's remaining layers follow, still top to bottom);
+* ``visual_only_swin`` -- a Swin-V2 classifier (one tower): stages top to bottom, each stage's
+  blocks top to bottom, ``layer = (stage, block)`` (SeTAR's ``VisualSearchForSwin``: ``[3, 1]``,
+  ``[3, 0]``, ``[2, 17]``, ..., ``[0, 0]`` for Swin-V2-B);
 * ``layer_exhaustive`` -- not a fixed order: every round tries *all* remaining matrices (in the
   ``visual_text`` order) and commits the single best one (see :mod:`locoop.setar.search`).
 
@@ -35,11 +38,12 @@ __all__ = ["Step", "Searcher", "SEARCHERS", "register_searcher", "get_searcher",
 
 
 class Step(NamedTuple):
-    """One matrix of the search: ``(tower, weight_type, layer)``; ``layer`` is None for ``W_p``."""
+    """One matrix of the search: ``(tower, weight_type, layer)``; ``layer`` is None for ``W_p``, a
+    ``(stage, block)`` tuple for a Swin-V2 classifier."""
 
     tower: str
     weight_type: str
-    layer: Optional[int]
+    layer: Optional[object]
 
 
 @dataclass(frozen=True)
@@ -51,18 +55,21 @@ class Searcher:
         order: ``(layer_num, weight_types, freeze_proj) -> [Step, ...]``.
         exhaustive: True if each round tries every remaining step (``layer_exhaustive``).
         description: one line for ``--help`` and errors.
+        backbone: the model kind it searches: ``clip`` (towers of layers; ``layer_num`` counts) or
+            ``swin`` (a block-addressed classifier; ``layer_num["visual"]`` = blocks per stage).
     """
 
     name: str
     order: Callable[[Mapping[str, int], Sequence[str], bool], List[Step]]
     exhaustive: bool = False
     description: str = ""
+    backbone: str = "clip"
 
 
 SEARCHERS = Registry("SEARCHER", kind="searcher")
 
 
-def register_searcher(name: str, exhaustive: bool = False, description: str = ""):
+def register_searcher(name: str, exhaustive: bool = False, description: str = "", backbone: str = "clip"):
     """Decorator registering an order function under ``name``.
 
     Raises:
@@ -70,7 +77,7 @@ def register_searcher(name: str, exhaustive: bool = False, description: str = ""
     """
 
     def deco(fn):
-        SEARCHERS.register(Searcher(name, fn, exhaustive, description), name=name)
+        SEARCHERS.register(Searcher(name, fn, exhaustive, description, backbone), name=name)
         return fn
 
     return deco
@@ -118,6 +125,9 @@ def _tower_steps(tower: str, n_layers: int, weight_types: Sequence[str], freeze_
 def _layers(layer_num: Mapping[str, int], tower: str) -> int:
     if tower not in layer_num:
         raise ValueError(f"the searcher needs the number of {tower} layers; got layer counts for {sorted(layer_num)}")
+    if isinstance(layer_num[tower], (list, tuple)):
+        raise ValueError("this searcher visits CLIP towers layer by layer; a Swin-V2 classifier (blocks per stage "
+                         f"{list(layer_num[tower])}) is searched with SETAR.SEARCHER visual_only_swin")
     n = int(layer_num[tower])
     if n < 1:
         raise ValueError(f"the {tower} tower has {n} layers; nothing to search")
@@ -164,13 +174,35 @@ def _layer_exhaustive(layer_num, weight_types, freeze_proj):
     return _visual_text(layer_num, weight_types, freeze_proj)
 
 
+def _stage_depths(layer_num: Mapping[str, object]) -> List[int]:
+    depths = layer_num.get("visual")
+    if not isinstance(depths, (list, tuple)) or not depths or not all(isinstance(d, int) and d > 0 for d in depths):
+        raise ValueError("the visual_only_swin searcher needs a Swin-V2 classifier (blocks per stage, e.g. "
+                         f"[2, 2, 18, 2]); got layer counts {dict(layer_num)} -- use visual_only / visual_text "
+                         "for a CLIP model")
+    return [int(d) for d in depths]
+
+
+@register_searcher("visual_only_swin", backbone="swin",
+                   description="Swin-V2 blocks, stages top to bottom, each stage's blocks top to bottom; "
+                               "layers are [stage, block]")
+def _visual_only_swin(layer_num, weight_types, freeze_proj):
+    depths = _stage_depths(layer_num)
+    if not freeze_proj:
+        raise ValueError("a Swin-V2 classifier has no W_p to search (its classifier is not searched); "
+                         "keep SETAR.FREEZE_PROJ True")
+    return [Step("visual", t, (stage, block)) for stage in range(len(depths) - 1, -1, -1)
+            for block in range(depths[stage] - 1, -1, -1) for t in weight_types]
+
+
 def build_steps(searcher: str, layer_num: Mapping[str, int], weight_types: Sequence[str] = ("W_up",),
                 freeze_proj: bool = True) -> List[Step]:
     """The ordered steps of a searcher (for ``layer_exhaustive``: the pool, in tie-break order).
 
     Args:
         searcher: a registered name (:func:`list_searchers`).
-        layer_num: ``{"visual": L_v, "text": L_t}`` (only the towers the searcher visits are needed).
+        layer_num: ``{"visual": L_v, "text": L_t}`` (only the towers the searcher visits are needed);
+            for ``visual_only_swin`` ``{"visual": [blocks per stage]}`` (a Swin-V2 classifier).
         weight_types: per-layer weight types, e.g. ``["W_up"]`` (SeTAR's default).
         freeze_proj: False adds each visited tower's ``W_p`` step.
 

@@ -2,7 +2,9 @@
 
 This is the form SeTAR's search returns (its ``lora_settings``): one entry per visited matrix,
 in visiting order, including the matrices whose best ratio is ``0`` (kept so a file records the
-whole search; a zero entry changes nothing when applied). ``layer`` is ``null`` for ``W_p``.
+whole search; a zero entry changes nothing when applied). ``layer`` is ``null`` for ``W_p``, and a
+``[stage, block]`` pair for a Swin-V2 classifier (SeTAR's naming, e.g. ``["visual", "W_up", [3, 1], 0.1]``;
+a tuple once read).
 Example::
 
     [["visual", "W_up", 11, 0.35], ["visual", "W_up", 10, 0.0], ["text", "W_p", null, 0.1]]
@@ -93,8 +95,11 @@ def validate_settings(settings: Iterable, model: Optional[nn.Module] = None,
         if weight_type == "W_p":
             if layer is not None:
                 raise _entry_error(i, entry, "W_p has no layer; write null", source)
+        elif _is_stage_block(layer):  # SeTAR's Swin-V2 naming [stage, block]
+            layer = tuple(int(v) for v in layer)
         elif isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
-            raise _entry_error(i, entry, f"layer must be a block index >= 0, got {layer!r}", source)
+            raise _entry_error(i, entry, f"layer must be a block index >= 0 (or a Swin-V2 [stage, block] pair), "
+                               f"got {layer!r}", source)
         try:
             r = check_ratio(ratio)
         except ValueError as err:
@@ -112,6 +117,11 @@ def validate_settings(settings: Iterable, model: Optional[nn.Module] = None,
         seen[key] = i
         out.append((tower, weight_type, layer, r))
     return out
+
+
+def _is_stage_block(layer: Any) -> bool:
+    return (isinstance(layer, (list, tuple)) and len(layer) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in layer))
 
 
 def _read_plain_list(data: Any, source: str) -> Any:
@@ -189,7 +199,8 @@ def load_settings(path: Union[str, os.PathLike], model: Optional[nn.Module] = No
 def _entry_lines(entries: Sequence[Setting], indent: str) -> str:
     if not entries:
         return "[]"
-    lines = ",\n".join(indent + "  " + json.dumps([t, w, l, r]) for t, w, l, r in entries)
+    lines = ",\n".join(indent + "  " + json.dumps([t, w, list(l) if isinstance(l, tuple) else l, r])
+                       for t, w, l, r in entries)
     return "[\n" + lines + "\n" + indent + "]"
 
 
