@@ -20,7 +20,8 @@ import sys
 from typing import Any, Callable, Dict, List, Optional
 
 __all__ = ["FLAG_KEYS", "add_common_arguments", "build_cfg", "check_trainer", "trainer_needs_checkpoint",
-           "find_checkpoints", "check_model_dir", "final_checkpoint", "prepare_run", "run_command",
+           "find_checkpoints", "check_model_dir", "final_checkpoint", "check_resume_config", "check_finished_config",
+           "prepare_run", "run_command",
            "write_run_info", "read_run_info", "RUN_INFO"]
 
 # argparse attribute -> config key: Dassl's reset_cfg mapping plus --T and --batch-size of the OOD evaluation.
@@ -196,6 +197,34 @@ def final_checkpoint(output_dir: str, max_epoch: int) -> Optional[str]:
     return None
 
 
+def check_resume_config(cfg: Any) -> None:
+    """Refuse, before any model is loaded, a resume whose config differs from the one the run recorded.
+
+    Looks at the checkpoint a resume would continue from (``RESUME``, else ``OUTPUT_DIR``; per model
+    sub-folder the newer of ``model-last.pth.tar`` and the latest epoch file). The trainer checks it
+    again when it resumes; checking here keeps ``config.yaml`` and ``run_info.json`` untouched.
+
+    Raises:
+        ValueError: the training keys that differ (:func:`locoop.engine.checkpoint.check_recorded_config`).
+    """
+    from locoop.engine.checkpoint import check_recorded_config, load_checkpoint, resume_checkpoint
+
+    directory = str(cfg.RESUME or cfg.OUTPUT_DIR or "")
+    if not directory or not os.path.isdir(directory):
+        return
+    for sub in sorted(os.listdir(directory)):
+        path = resume_checkpoint(os.path.join(directory, sub)) if os.path.isdir(os.path.join(directory, sub)) else None
+        if path:
+            check_recorded_config(load_checkpoint(path), cfg, path)
+
+
+def check_finished_config(cfg: Any, path: str) -> None:
+    """Refuse ``--skip-finished`` when the finished run at ``path`` was trained with other training keys."""
+    from locoop.engine.checkpoint import check_recorded_config, load_checkpoint
+
+    check_recorded_config(load_checkpoint(path), cfg, path, action="skip")
+
+
 def _print_args(args: argparse.Namespace, cfg: Any) -> None:
     print("***************\n** Arguments **\n***************")
     for key in sorted(vars(args)):
@@ -204,13 +233,31 @@ def _print_args(args: argparse.Namespace, cfg: Any) -> None:
     print(cfg)
 
 
-def prepare_run(cfg: Any, args: Optional[argparse.Namespace] = None) -> None:
-    """Seed, cuDNN and ``log.txt`` in ``OUTPUT_DIR``, then print the arguments and config (as the papers)."""
+def prepare_run(cfg: Any, args: Optional[argparse.Namespace] = None, lock: bool = False,
+                check_resume: bool = False) -> None:
+    """Seed, cuDNN and ``log.txt`` in ``OUTPUT_DIR``, then print the arguments and config (as the papers).
+
+    Args:
+        lock: This command writes a run into ``OUTPUT_DIR`` (train, setar-finetune, setar-search): first
+            lock the folder for this process (:mod:`locoop.engine.runlock`; released when the command
+            ends, see :func:`run_command`), before ``log.txt`` is opened.
+        check_resume: This command trains (and so may resume): refuse a resume with another config
+            (:func:`check_resume_config`) before anything is written.
+
+    Raises:
+        ValueError: the folder is locked by another run, or a resume's training keys differ.
+    """
     import torch
 
     from locoop.engine.logger import setup_logger
     from locoop.engine.seed import set_random_seed
 
+    if lock and cfg.OUTPUT_DIR:
+        from locoop.engine.runlock import acquire_run_lock
+
+        acquire_run_lock(cfg.OUTPUT_DIR)
+    if check_resume:
+        check_resume_config(cfg)
     if cfg.OUTPUT_DIR:
         os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
         setup_logger(cfg.OUTPUT_DIR)
@@ -287,6 +334,8 @@ def run_command(name: str, fn: Callable[[argparse.Namespace], Optional[int]], ar
     ``ValueError`` (incl. config errors), ``FileNotFoundError``, ``KeyError`` and
     ``FloatingPointError`` (NaN loss) are reported without a traceback unless ``LOCOOP_DEBUG=1``.
     """
+    from locoop.engine.runlock import release_all
+
     try:
         return int(fn(args) or 0)
     except (ValueError, FileNotFoundError, KeyError, FloatingPointError) as e:
@@ -296,3 +345,5 @@ def run_command(name: str, fn: Callable[[argparse.Namespace], Optional[int]], ar
         sys.stdout.flush()
         print(f"python -m locoop {name}: error: {msg}\n(set LOCOOP_DEBUG=1 for the traceback)", file=sys.stderr)
         return 2
+    finally:
+        release_all()  # the run folder's lock (prepare_run) lasts as long as the command, however it ends

@@ -102,7 +102,7 @@ def _run(args: argparse.Namespace) -> int:
         check_benchmark_inputs(cfg)
     if not cfg.OUTPUT_DIR:
         raise ValueError("OUTPUT_DIR is empty; pass --output-dir")
-    prepare_run(cfg, args)
+    prepare_run(cfg, args, lock=not test_only, check_resume=not test_only)
 
     import torch
 

@@ -371,7 +371,7 @@ def _run(args: argparse.Namespace) -> int:
     if not cfg.OUTPUT_DIR:
         raise ValueError("OUTPUT_DIR is empty; pass --output-dir")
     progress = _check_run_folder(cfg, search, settings, checked)
-    prepare_run(cfg, args)
+    prepare_run(cfg, args, lock=True)
 
     import torch
 

@@ -6,8 +6,10 @@
         --output-dir output/imagenet/LoCoOp/vit_b16_ep50_16shots/nctx16_cscFalse_ctpend/seed1 \
         --lambda_value 0.25 --topk 200 DATASET.NUM_SHOTS 16
 
-Writes ``log.txt``, ``config.yaml``, ``run_info.json`` and ``<model>/model.pth.tar-<epoch>`` into
-``--output-dir``; an interrupted run resumes from its latest checkpoint when started again.
+Writes ``log.txt``, ``config.yaml``, ``run_info.json``, ``<model>/model.pth.tar-<epoch>`` and, while it
+runs, ``<model>/model-last.pth.tar`` and ``.lock`` into ``--output-dir``; an interrupted run resumes from
+its last finished epoch when the same command is started again (refused if its training keys differ
+from the recorded config, as is a second run in a locked folder).
 ``--eval-only --model-dir DIR [--load-epoch N]`` loads a run and reports the ID test accuracy
 (the OOD benchmark is ``python -m locoop eval``).
 """
@@ -15,9 +17,9 @@ from __future__ import annotations
 
 import argparse
 
-from locoop.commands._common import (add_common_arguments, build_cfg, check_model_dir, check_trainer,
-                                     final_checkpoint, prepare_run, run_command, trainer_needs_checkpoint,
-                                     write_run_info)
+from locoop.commands._common import (add_common_arguments, build_cfg, check_finished_config, check_model_dir,
+                                     check_trainer, final_checkpoint, prepare_run, run_command,
+                                     trainer_needs_checkpoint, write_run_info)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,9 +36,10 @@ def _run(args: argparse.Namespace) -> int:
     elif args.skip_finished and not args.no_train:
         done = final_checkpoint(cfg.OUTPUT_DIR, cfg.OPTIM.MAX_EPOCH)
         if done:
+            check_finished_config(cfg, done)  # a finished run of other settings is not this run
             print(f"The run at {cfg.OUTPUT_DIR} is finished ({done} exists); skipping it.")
             return 0
-    prepare_run(cfg, args)
+    prepare_run(cfg, args, lock=not args.eval_only, check_resume=not args.eval_only)
 
     from locoop.engine.registry import build_trainer
 

@@ -263,6 +263,7 @@ SECTIONS: Dict[str, Tuple[Rule, ...]] = {
         at_least("DATASET.NUM_SHOTS", -1, "use -1 (all images) or K >= 1"),
         at_least("OPTIM.MAX_EPOCH", 0),
         at_least("TRAIN.PRINT_FREQ", 1),
+        choice("TRAIN.SAVE_LAST", (True, False)),
     ),
     "MODEL.BACKBONE": (rule("MODEL.BACKBONE.NAME", _backbone, required_=True),),
     # LoCoOp / CoOp (also read by ZeroshotCLIP and the prompts of a LoCoOp run reused by SeTAR).

@@ -1,12 +1,18 @@
 """Checkpoints in Dassl's layout, written atomically and loaded without executing pickles.
 
-Layout per registered model: ``<OUTPUT_DIR>/<model name>/model.pth.tar-<epoch>``, an optional
-``model-best.pth.tar``, and a text file ``checkpoint`` naming the latest epoch file (as Dassl).
+Layout per registered model: ``<OUTPUT_DIR>/<model name>/model.pth.tar-<epoch>`` (the papers' schedule,
+``TRAIN.CHECKPOINT_FREQ``), an optional ``model-best.pth.tar``, a text file ``checkpoint`` naming the
+latest epoch file (as Dassl), and ``model-last.pth.tar``, rewritten after every epoch (``TRAIN.SAVE_LAST``)
+so that a killed run resumes from its last finished epoch; a resume takes the newer of it and the latest
+epoch file (:func:`resume_checkpoint`). Evaluation never reads ``model-last`` (its discovery matches
+only ``model.pth.tar-<N>`` and ``model-best``), and the trainer deletes it once the final epoch's
+numbered checkpoint, which holds the same state, is written.
 
 A checkpoint is a dict holding only tensors and plain Python values (dict, list, tuple, str, int,
 float, bool, None) so that ``torch.load(weights_only=True)`` reads it: ``state_dict``, ``epoch``
 (the number of finished epochs = the epoch to start from), ``optimizer``, ``scheduler``,
-``rng_states``, ``trainer`` (the trainer's name), ``val_result`` and ``format_version``.
+``rng_states``, ``trainer`` (the trainer's name), ``val_result``, ``format_version`` and ``config`` (the
+resolved config of the run as YAML text, compared on resume by :func:`check_recorded_config`).
 
 Loading also accepts the checkpoints written by the papers' training code (Dassl's ``save_checkpoint``:
 ``{state_dict, epoch, optimizer, scheduler, val_result}``, no ``trainer`` / ``format_version``). Their
@@ -34,6 +40,9 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "latest_checkpoint",
+    "LAST_FILE",
+    "resume_checkpoint",
+    "check_recorded_config",
     "resume_from_checkpoint",
     "check_trainer",
     "check_weights_only_safe",
@@ -43,6 +52,8 @@ __all__ = [
 
 FORMAT_VERSION = 1
 _EPOCH_FILE = re.compile(r"^model\.pth\.tar-(\d+)$")
+#: The checkpoint rewritten after every epoch (not an epoch file: evaluation's discovery ignores it).
+LAST_FILE = "model-last.pth.tar"
 # Exact types: subclasses such as numpy.float64 pickle through numpy and would be refused on load.
 _SAFE_SCALARS = (str, int, float, bool, type(None), torch.dtype, torch.device, torch.Size)
 
@@ -207,21 +218,74 @@ def check_trainer(ckpt: dict, accepted: Iterable[str], fpath: str) -> None:
         )
 
 
+def resume_checkpoint(fdir: str) -> Optional[str]:
+    """Path of the checkpoint a resume continues from: the newer of ``model-last.pth.tar`` and the
+    latest epoch file (an epoch file wins a tie: it is the papers' name for the same state). None if neither."""
+    numbered = latest_checkpoint(fdir)
+    last = os.path.join(fdir, LAST_FILE)
+    if not os.path.isfile(last):
+        return numbered
+    if numbered is None:
+        return last
+    m = _EPOCH_FILE.match(os.path.basename(numbered))
+    try:
+        last_epoch = int(load_checkpoint(last).get("epoch", -1))
+    except (ValueError, TypeError):
+        return numbered  # a damaged model-last (never expected: it is written atomically) loses to the epoch file
+    return last if m is None or last_epoch > int(m.group(1)) else numbered
+
+
+def check_recorded_config(ckpt: dict, cfg: Any, fpath: str, action: str = "resume") -> None:
+    """Refuse to continue (or skip) a run whose recorded config differs from ``cfg`` in a training key.
+
+    Args:
+        ckpt: A loaded checkpoint (its ``config`` entry, YAML text, is the config it was trained with).
+        cfg: The config of this command.
+        fpath: The checkpoint's path (named in the messages).
+        action: "resume" or "skip" (``train --skip-finished``): selects the wording.
+
+    Raises:
+        ValueError: naming every differing key with its recorded and new value, and the fix. A checkpoint
+            that records no config (older ones, the papers' Dassl ones) is accepted with a one-line note.
+    """
+    from locoop.config.training_keys import differing_training_keys
+
+    recorded = ckpt.get("config")
+    if not isinstance(recorded, str) or cfg is None:
+        if cfg is not None:
+            print(f"Note: '{fpath}' records no config (written before configs were recorded, or by the papers' "
+                  f"code); cannot check that this {action} uses the same settings")
+        return
+    diff = differing_training_keys(recorded, cfg)
+    if not diff:
+        return
+    keys = "; ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in diff)
+    what = ("resuming it would train the remaining epochs with other settings" if action == "resume" else
+            "skipping it would report a run of other settings as this one")
+    raise ValueError(
+        f"the run in this folder was trained with another config ({fpath}); {what}. Differing keys "
+        f"(recorded -> now): {keys}. Start a new run with another --output-dir (OUTPUT_DIR), or use the "
+        f"recorded values to continue this one.")
+
+
 def resume_from_checkpoint(fdir: str, model: torch.nn.Module, optimizer: Optional[Any] = None,
                            scheduler: Optional[Any] = None, scaler: Optional[Any] = None,
-                           trainer_names: Optional[Iterable[str]] = None) -> int:
-    """Restore model, optimiser, scheduler, AMP scaler and RNG states from the latest checkpoint.
+                           trainer_names: Optional[Iterable[str]] = None, config: Any = None) -> int:
+    """Restore model, optimiser, scheduler, AMP scaler and RNG states from the checkpoint of
+    :func:`resume_checkpoint` (the newer of ``model-last`` and the latest epoch file).
 
     Args:
         fdir: Folder of one model's checkpoints (``OUTPUT_DIR/<model name>``).
         trainer_names: Accepted trainer names (None: no check).
+        config: This run's config: refused if its training keys differ from the recorded ones
+            (:func:`check_recorded_config`); None: no check.
 
     Returns:
         The epoch to start from (the number of epochs already finished).
     """
-    fpath = latest_checkpoint(fdir)
+    fpath = resume_checkpoint(fdir)
     if fpath is None:
-        raise FileNotFoundError(f"No 'model.pth.tar-<epoch>' checkpoint in '{fdir}' to resume from.")
+        raise FileNotFoundError(f"No 'model.pth.tar-<epoch>' or '{LAST_FILE}' checkpoint in '{fdir}' to resume from.")
     print(f"Loading checkpoint from '{fpath}'")
     ckpt = load_checkpoint(fpath)
     if is_dassl_checkpoint(ckpt):
@@ -231,6 +295,8 @@ def resume_from_checkpoint(fdir: str, model: torch.nn.Module, optimizer: Optiona
             f"and Dassl's scheduler objects). Train into another OUTPUT_DIR.")
     if trainer_names is not None:
         check_trainer(ckpt, trainer_names, fpath)
+    if config is not None:
+        check_recorded_config(ckpt, config, fpath)
     model.load_state_dict(ckpt["state_dict"])
     print("Loaded model weights")
     if optimizer is not None and ckpt.get("optimizer") is not None:

@@ -11,9 +11,13 @@ Loop: ``train()`` -> ``before_train`` (resume) -> per epoch ``before_epoch``, ``
 Learning-rate schedulers step once per epoch. As in Dassl a trainer may call ``update_lr()`` itself
 on the last batch; if it did not during an epoch, ``run_epoch`` does it after the last batch.
 
-Resume: ``OUTPUT_DIR/<model name>/model.pth.tar-<epoch>`` hold weights, optimiser, scheduler, AMP
-scaler and RNG states; with the same seed a killed and resumed run ends bitwise equal (on CPU) to an
-uninterrupted one. See :mod:`locoop.engine.seed` for what the data loaders must respect.
+Resume: ``OUTPUT_DIR/<model name>/model.pth.tar-<epoch>`` (every ``TRAIN.CHECKPOINT_FREQ`` epochs and
+the last) and ``model-last.pth.tar`` (after every epoch, ``TRAIN.SAVE_LAST``) hold weights, optimiser,
+scheduler, AMP scaler, RNG states and the resolved config; a run started again in the same folder
+continues from the newer of them, after checking that its training keys match the recorded config
+(:func:`locoop.engine.checkpoint.check_recorded_config`). With the same seed a killed and resumed run
+ends bitwise equal (on CPU) to an uninterrupted one. See :mod:`locoop.engine.seed` for what the data
+loaders must respect. Ctrl-C stops with a ``KeyboardInterrupt`` naming the epoch a resume starts from.
 
 Distributed (``torchrun --nproc_per_node N``, see :mod:`locoop.engine.dist`): the trainer joins the
 process group when it is built; every rank trains a full copy of the registered models on its
@@ -49,7 +53,8 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from . import dist
-from .checkpoint import check_trainer, latest_checkpoint, load_checkpoint, resume_from_checkpoint, save_checkpoint
+from .checkpoint import (LAST_FILE, check_trainer, latest_checkpoint, load_checkpoint, resume_checkpoint,
+                         resume_from_checkpoint, save_checkpoint)
 from .evaluator import build_evaluator as _build_evaluator
 from .logger import AverageMeter, MetricMeter, setup_logger
 from .precision import grad_scaler
@@ -155,6 +160,7 @@ class TrainerBase:
             model = self._models[name]
             model = model.module if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else model
             optim, sched = self._optims[name], self._scheds[name]
+            cfg = getattr(self, "cfg", None)
             state = {
                 "state_dict": model.state_dict(),
                 "epoch": int(epoch) + 1,
@@ -165,6 +171,10 @@ class TrainerBase:
                 "trainer": self.trainer_name,
                 "rng_states": rng_states,
             }
+            if cfg is not None:  # what a resume or --skip-finished compares its config with
+                from locoop.config.training_keys import config_text
+
+                state["config"] = config_text(cfg)
             save_checkpoint(state, osp.join(directory, name), is_best=is_best, model_name=model_name)
         dist.barrier()
 
@@ -178,7 +188,7 @@ class TrainerBase:
             ValueError: only some models have checkpoints, or they disagree on the epoch.
         """
         names = self.get_model_names()
-        found = {n: latest_checkpoint(osp.join(directory, n)) is not None for n in names}
+        found = {n: resume_checkpoint(osp.join(directory, n)) is not None for n in names}
         if not any(found.values()):
             print("No checkpoint found, train from scratch")
             return 0
@@ -191,7 +201,7 @@ class TrainerBase:
         for name in names:
             epochs[name] = resume_from_checkpoint(
                 osp.join(directory, name), self._models[name], self._optims[name], self._scheds[name],
-                scaler=self.scaler, trainer_names=self.checkpoint_trainer_names())
+                scaler=self.scaler, trainer_names=self.checkpoint_trainer_names(), config=getattr(self, "cfg", None))
         if len(set(epochs.values())) > 1:
             raise ValueError(f"Checkpoints in '{directory}' are from different epochs {epochs}; "
                              f"the run was interrupted while saving. Delete the newer files to resume.")
@@ -294,10 +304,17 @@ class TrainerBase:
         self.start_epoch = start_epoch
         self.max_epoch = max_epoch
         self.before_train()
-        for self.epoch in range(self.start_epoch, self.max_epoch):
-            self.before_epoch()
-            self.run_epoch()
-            self.after_epoch()
+        self._saved_epochs = self.start_epoch  # finished epochs that a checkpoint holds
+        try:
+            for self.epoch in range(self.start_epoch, self.max_epoch):
+                self.before_epoch()
+                self.run_epoch()
+                self.after_epoch()
+        except KeyboardInterrupt as e:
+            # One line for the user (run_command prints e.args[0]); resuming restarts the unfinished epoch.
+            resume = (f"the same command resumes from epoch {self._saved_epochs + 1}" if self._saved_epochs
+                      else "no epoch was saved, so the same command starts again from epoch 1")
+            raise KeyboardInterrupt(f"stopped at epoch {self.epoch + 1}; {resume}") from e
         self.after_train()
 
     def before_train(self) -> None:
@@ -527,6 +544,20 @@ class SimpleTrainer(TrainerBase):
                 self.save_model(self.epoch, self.output_dir, val_result=curr_result, model_name="model-best.pth.tar")
         if meet_checkpoint_freq or last_epoch:
             self.save_model(self.epoch, self.output_dir)
+        if last_epoch:
+            self._remove_last_checkpoints()  # model.pth.tar-<max epoch> holds the same state
+        elif self.cfg.TRAIN.SAVE_LAST:
+            self.save_model(self.epoch, self.output_dir, model_name=LAST_FILE)
+        if meet_checkpoint_freq or last_epoch or self.cfg.TRAIN.SAVE_LAST:
+            self._saved_epochs = self.epoch + 1
+
+    def _remove_last_checkpoints(self) -> None:
+        if not _is_main_process():
+            return
+        for name in self.get_model_names():
+            path = osp.join(self.output_dir, name, LAST_FILE)
+            if osp.isfile(path):
+                os.remove(path)
 
     def after_train(self) -> None:
         print("Finish training")
