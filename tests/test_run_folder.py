@@ -236,3 +236,18 @@ def test_ctrl_c_says_where_the_same_command_resumes(tmp_path, data_root, tiny_vi
     # The lock went with the process: a new run in the folder may start.
     assert acquire_run_lock(str(out)) is not None
     release_run_lock(str(out))
+
+
+def test_resume_takes_the_newer_of_model_last_and_the_latest_epoch_file(tmp_path):
+    from locoop.engine.checkpoint import LAST_FILE, resume_checkpoint, save_checkpoint
+
+    def state(epoch):
+        return {"state_dict": {"w": torch.full((2,), float(epoch))}, "epoch": epoch}
+
+    assert resume_checkpoint(str(tmp_path)) is None
+    save_checkpoint(state(1), str(tmp_path), model_name=LAST_FILE)
+    assert resume_checkpoint(str(tmp_path)).endswith(LAST_FILE)  # killed before any epoch file
+    save_checkpoint(state(2), str(tmp_path))  # killed between the epoch file and removing the older model-last
+    assert resume_checkpoint(str(tmp_path)).endswith("model.pth.tar-2")
+    save_checkpoint(state(3), str(tmp_path), model_name=LAST_FILE)
+    assert resume_checkpoint(str(tmp_path)).endswith(LAST_FILE)

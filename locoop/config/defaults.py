@@ -163,8 +163,8 @@ def _add_optim(c: CN) -> None:
 def _add_train_test(c: CN) -> None:
     c.TRAIN = CN()
     c.TRAIN.CHECKPOINT_FREQ = 0  # save every N epochs (<= 0: only the last epoch)
-    # [ext] also rewrite <model>/model-last.pth.tar after every epoch, so a killed run resumes from its last
-    # finished epoch whatever CHECKPOINT_FREQ is (deleted once the final epoch's checkpoint exists)
+    # [ext] rewrite <model>/model-last.pth.tar after every epoch that writes no numbered checkpoint, so a killed
+    # run resumes from its last finished epoch whatever CHECKPOINT_FREQ is (deleted when a numbered one is written)
     c.TRAIN.SAVE_LAST = True
     c.TRAIN.PRINT_FREQ = 10  # print the training line every N batches
     c.TRAIN.COUNT_ITER = "train_x"  # Dassl: which loader defines an epoch's length

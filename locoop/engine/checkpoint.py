@@ -2,11 +2,11 @@
 
 Layout per registered model: ``<OUTPUT_DIR>/<model name>/model.pth.tar-<epoch>`` (the papers' schedule,
 ``TRAIN.CHECKPOINT_FREQ``), an optional ``model-best.pth.tar``, a text file ``checkpoint`` naming the
-latest epoch file (as Dassl), and ``model-last.pth.tar``, rewritten after every epoch (``TRAIN.SAVE_LAST``)
-so that a killed run resumes from its last finished epoch; a resume takes the newer of it and the latest
-epoch file (:func:`resume_checkpoint`). Evaluation never reads ``model-last`` (its discovery matches
-only ``model.pth.tar-<N>`` and ``model-best``), and the trainer deletes it once the final epoch's
-numbered checkpoint, which holds the same state, is written.
+latest epoch file (as Dassl), and ``model-last.pth.tar``, rewritten after every epoch that writes no
+epoch file (``TRAIN.SAVE_LAST``) so that a killed run resumes from its last finished epoch, and deleted
+when an epoch file (the same full state, newer) is written, the final one included; a resume takes the
+newer of it and the latest epoch file (:func:`resume_checkpoint`). Evaluation never reads
+``model-last`` (its discovery matches only ``model.pth.tar-<N>`` and ``model-best``).
 
 A checkpoint is a dict holding only tensors and plain Python values (dict, list, tuple, str, int,
 float, bool, None) so that ``torch.load(weights_only=True)`` reads it: ``state_dict``, ``epoch``
@@ -52,7 +52,7 @@ __all__ = [
 
 FORMAT_VERSION = 1
 _EPOCH_FILE = re.compile(r"^model\.pth\.tar-(\d+)$")
-#: The checkpoint rewritten after every epoch (not an epoch file: evaluation's discovery ignores it).
+#: The checkpoint of the last finished epoch (not an epoch file: evaluation's discovery ignores it).
 LAST_FILE = "model-last.pth.tar"
 # Exact types: subclasses such as numpy.float64 pickle through numpy and would be refused on load.
 _SAFE_SCALARS = (str, int, float, bool, type(None), torch.dtype, torch.device, torch.Size)

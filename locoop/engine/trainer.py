@@ -12,7 +12,7 @@ Learning-rate schedulers step once per epoch. As in Dassl a trainer may call ``u
 on the last batch; if it did not during an epoch, ``run_epoch`` does it after the last batch.
 
 Resume: ``OUTPUT_DIR/<model name>/model.pth.tar-<epoch>`` (every ``TRAIN.CHECKPOINT_FREQ`` epochs and
-the last) and ``model-last.pth.tar`` (after every epoch, ``TRAIN.SAVE_LAST``) hold weights, optimiser,
+the last) and ``model-last.pth.tar`` (after the other epochs, ``TRAIN.SAVE_LAST``) hold weights, optimiser,
 scheduler, AMP scaler, RNG states and the resolved config; a run started again in the same folder
 continues from the newer of them, after checking that its training keys match the recorded config
 (:func:`locoop.engine.checkpoint.check_recorded_config`). With the same seed a killed and resumed run
@@ -544,8 +544,7 @@ class SimpleTrainer(TrainerBase):
                 self.save_model(self.epoch, self.output_dir, val_result=curr_result, model_name="model-best.pth.tar")
         if meet_checkpoint_freq or last_epoch:
             self.save_model(self.epoch, self.output_dir)
-        if last_epoch:
-            self._remove_last_checkpoints()  # model.pth.tar-<max epoch> holds the same state
+            self._remove_last_checkpoints()  # the numbered file holds the same state, and is newer
         elif self.cfg.TRAIN.SAVE_LAST:
             self.save_model(self.epoch, self.output_dir, model_name=LAST_FILE)
         if meet_checkpoint_freq or last_epoch or self.cfg.TRAIN.SAVE_LAST:
