@@ -200,8 +200,14 @@ def _print_args(args: argparse.Namespace, cfg: Any) -> None:
     print("***************\n** Arguments **\n***************")
     for key in sorted(vars(args)):
         print(f"{key}: {getattr(args, key)}")
-    print("************\n** Config **\n************")
-    print(cfg)
+    from locoop.config import cfg_changes
+
+    # Only the keys that differ from the defaults: the full config (~200 lines) buried the run's
+    # output; config.yaml / ood_results.json record every key.
+    changes = cfg_changes(cfg)
+    print(f"************\n** Config ** (the {len(changes)} key(s) that differ from the defaults)\n************")
+    for key, value in changes:
+        print(f"{key}: {value!r}")
 
 
 def prepare_run(cfg: Any, args: Optional[argparse.Namespace] = None) -> None:

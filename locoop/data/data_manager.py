@@ -12,6 +12,7 @@ contiguous shards whose outputs the trainer gathers.
 """
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Callable, Optional, Sequence
 
@@ -118,6 +119,36 @@ class SkippingDataLoader(DataLoader):
             yield batch
 
 
+_WORKER_NOTE_SHOWN = False
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one; what torch's loader checks)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # no affinity masks (macOS, Windows)
+        return max(1, os.cpu_count() or 1)
+
+
+def cap_num_workers(num_workers: int) -> int:
+    """``DATALOADER.NUM_WORKERS`` capped to the CPUs available, with one note per process.
+
+    Workers only decode and transform images (every random draw comes from per-sample seeds), so
+    the cap changes no number; it avoids torch's warning on every loader and oversubscribed cores.
+    ``config.yaml`` keeps the requested value.
+    """
+    global _WORKER_NOTE_SHOWN
+    num_workers = int(num_workers)
+    cpus = available_cpus()
+    if num_workers <= cpus:
+        return num_workers
+    if not _WORKER_NOTE_SHOWN and dist.is_main_process():
+        print(f"Note: DATALOADER.NUM_WORKERS {num_workers} > the {cpus} CPU(s) available; using {cpus} "
+              "worker(s) per loader (results do not depend on the worker count)")
+        _WORKER_NOTE_SHOWN = True
+    return cpus
+
+
 def build_data_loader(
     data_source: Sequence[Datum],
     batch_size: int,
@@ -138,7 +169,8 @@ def build_data_loader(
         tfm: transform applied to each RGB PIL image.
         is_train: training loader (shuffled, drops the last incomplete batch when the data
             holds at least one full batch, as Dassl) or evaluation loader (ordered, keeps all).
-        num_workers: worker processes (``persistent_workers`` when > 0).
+        num_workers: worker processes (``persistent_workers`` when > 0), capped to the CPUs
+            available (:func:`cap_num_workers`).
         drop_last: override the default above.
         sampler: an explicit index sampler (e.g. ``DistributedSampler(data_source)``); replaces
             ``shuffle``. Its ``set_epoch`` is called at every epoch. In a distributed run a
@@ -181,7 +213,7 @@ def build_data_loader(
     # seed_worker); every random choice of ours comes from the per-sample seeds.
     loader_generator = torch.Generator()
     loader_generator.manual_seed(_mix(seed, 0, stream=1))
-    num_workers = int(num_workers)
+    num_workers = cap_num_workers(num_workers)
     return SkippingDataLoader(
         DatasetWrapper(data_source, tfm, strict=strict),
         batch_size=int(batch_size),
