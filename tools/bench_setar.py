@@ -89,6 +89,22 @@ def _decode(files: list, res: int) -> torch.Tensor:
     return torch.stack([preprocess(Image.open(f)) for f in files])
 
 
+def _validation_batches(image_files: bool, n: int, b: int, labels: torch.Tensor, res: int, g: torch.Generator,
+                        decode_files) -> tuple:
+    """``(batches, reload)``: JPEG files decoded by ``decode_files(files, res)`` (``reload`` decodes them
+    again, for the naive mode), or random tensors (``reload`` None)."""
+    if not image_files:
+        images = torch.randn(n, 3, res, res, generator=g)
+        return [(images[i:i + b], labels[i:i + b]) for i in range(0, n, b)], None
+    files = _write_jpegs(Path(tempfile.mkdtemp(prefix="bench_setar_")), n, g)
+
+    def decode():
+        images = decode_files(files, res)
+        return [(images[i:i + b], labels[i:i + b]) for i in range(0, n, b)], []
+
+    return decode()[0], decode
+
+
 def _decode_swin(files: list, res: int) -> torch.Tensor:
     from PIL import Image
 
@@ -181,18 +197,7 @@ def run_swin(args) -> dict:
 
     g = torch.Generator().manual_seed(args.seed)
     labels = torch.arange(n) % c
-    reload = None
-    if args.image_files:
-        files = _write_jpegs(Path(tempfile.mkdtemp(prefix="bench_setar_swin_")), n, g)
-
-        def decode():
-            images = _decode_swin(files, res)
-            return [(images[i:i + b], labels[i:i + b]) for i in range(0, n, b)], []
-
-        batches, reload = decode()[0], decode
-    else:
-        images = torch.randn(n, 3, res, res, generator=g)
-        batches = [(images[i:i + b], labels[i:i + b]) for i in range(0, n, b)]
+    batches, reload = _validation_batches(args.image_files, n, b, labels, res, g, _decode_swin)
     data = SearchData(batches, None, reload=reload)
     top_k = args.topk if args.topk else max(1, round(0.7 * c))  # SeTAR's Swin: 700 of 1000 classes
     lam = args.lam if args.lam != args.parser_defaults["lam"] else 0.01  # SeTAR's Swin lambda
@@ -224,18 +229,7 @@ def run(args) -> dict:
     n, c, b = args.images, args.classes, args.batch_size
     labels = torch.arange(n) % c
     tokens = tokenize([f"a photo of a {name}." for name in _class_names(c)])
-    reload = None
-    if args.image_files:
-        files = _write_jpegs(Path(tempfile.mkdtemp(prefix="bench_setar_")), n, g)
-
-        def decode():
-            images = _decode(files, res)
-            return [(images[i:i + b], labels[i:i + b]) for i in range(0, n, b)], []
-
-        batches, reload = decode()[0], decode
-    else:
-        images = torch.randn(n, 3, res, res, generator=g)
-        batches = [(images[i:i + b], labels[i:i + b]) for i in range(0, n, b)]
+    batches, reload = _validation_batches(args.image_files, n, b, labels, res, g, _decode)
     data = SearchData(batches, ClassPrompts(tokens=tokens, chunk_size=args.text_chunk), reload=reload)
     top_k = args.topk if args.topk else max(1, round(0.3 * c))  # SeTAR: 300 of 1000 classes
     kw = dict(searcher=args.searcher, weight_types=args.weight_types, ratios=args.ratios, lam=args.lam, top_k=top_k,
