@@ -164,6 +164,15 @@ def tiny_vit_p16() -> CLIPConfig:
 
 
 @register_tiny_model
+def tiny_vit_l14() -> CLIPConfig:
+    """ViT-L/14's structure scaled down: 14 px patches (a 4x4 grid at 56 px), an image tower wider and
+    deeper than the text tower (2 heads vs 1, 3 vs 2 layers) and embed_dim = text width, as L/14's
+    1024 / 768 / 768."""
+    return CLIPConfig("tiny-vit-l14", embed_dim=64, image_resolution=56, vision_layers=3, vision_width=128,
+                      vision_patch_size=14, transformer_width=64, transformer_layers=2)
+
+
+@register_tiny_model
 def tiny_rn() -> CLIPConfig:
     """ModifiedResNet with one block per stage, stem width 16 (512 channels, 8 pooling heads), 64 px."""
     return CLIPConfig("tiny-rn", embed_dim=32, image_resolution=64, vision_layers=(1, 1, 1, 1), vision_width=16,

@@ -125,11 +125,13 @@ class ResidualAttentionBlock(nn.Module):
         h = self.ln_1(x)
         o, v = self.attn.attend(h[:, :1], h)
         cls = x[:, :1] + o
+        # The CLS MLP runs on the CLS row alone in both cases: a matmul over [B, 1, W] and one over
+        # [B, N, W] may round differently, and the global feature must not depend on return_local.
+        cls = cls + self.mlp(self.ln_2(cls))
         if not return_local:
-            return cls + self.mlp(self.ln_2(cls)), None
-        y = torch.cat([cls, x[:, 1:] + self.attn.out_proj(v[:, 1:])], dim=1)
-        y = y + self.mlp(self.ln_2(y))
-        return y[:, :1], y[:, 1:]
+            return cls, None
+        y = x[:, 1:] + self.attn.out_proj(v[:, 1:])
+        return cls, y + self.mlp(self.ln_2(y))
 
 
 class Transformer(nn.Module):

@@ -62,6 +62,7 @@ BAD = [
     ("SETAR.FT.LAMBDA", -0.1, "must be >= 0"),
     ("SETAR.FT.TOPK", 0, "must be >= 1"),
     ("SETAR.FT.LORA_DROPOUT", 1.0, "must be in [0, 1)"),
+    ("SETAR.FT.PROMPT_TEMPLATE", "a photo of {} {}", "must contain '{}' once"),
 ]
 
 

@@ -268,3 +268,19 @@ def test_length_buckets_propagate_gradients_to_embeddings():
 
     encode_text_embeddings_full_naive(model, emb_ref, eot).sum().backward()
     torch.testing.assert_close(emb.grad, emb_ref.grad, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_global_feature_does_not_depend_on_return_local_at_vit_b16_width(batch):
+    # At real widths a matmul over [B, 1, W] and one over [B, N, W] can round differently; the CLS
+    # row must take the same operations whether or not the local features are asked for.
+    from clip.model import ResidualAttentionBlock
+
+    torch.manual_seed(0)
+    block = ResidualAttentionBlock(768, 12).eval()
+    x = torch.randn(batch, 197, 768)
+    with torch.no_grad():
+        cls_only, none = block.forward_cls_and_local(x, False)
+        cls, local = block.forward_cls_and_local(x, True)
+    assert none is None and local.shape == (batch, 196, 768)
+    assert torch.equal(cls_only, cls)

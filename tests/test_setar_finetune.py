@@ -182,7 +182,8 @@ def test_base_hash_identifies_the_weights(tiny_vit_path, tiny_vit_jit_path):
 @pytest.mark.parametrize("settings, err, match", [
     ([["visual", "W_up", 5, 0.1]], ValueError, "layer index in 0..1"),
     ([["visual", "W_xx", 0, 0.1]], ValueError, "unknown weight type"),
-    ([["visual", "W_up", 0, 1.0]], ValueError, r"\[0, 1\)"),
+    ([["visual", "W_up", 0, 2.5]], ValueError, r"\[0, 1\) .* or a whole number >= 1"),
+    ([["visual", "W_up", 0, 0.1], ["text", "W_up", 1, 64]], ValueError, "which has 64; give at most 63"),
     ([["visual", "W_up", 0, 0.0], ["text", "W_up", 1, 0.001]], ValueError, "nothing to fine-tune"),
     ([["visual", "W_up", 0, 0.1], ["visual", "W_up", 0, 0.2]], ValueError, "already set"),
 ])
@@ -472,3 +473,17 @@ def test_finetune_script_passes_its_arguments(tmp_path, extra, want):
     res = subprocess.run(["bash", os.path.join(REPO, "scripts/setar/finetune.sh"), "DATA"], env=env,
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and "usage" in res.stderr
+
+
+@pytest.mark.parametrize("ft_prompt, search_prompt, used", [
+    ("a photo of a {}", "a photo of a {}.", "a photo of a {}"),  # SeTAR's finetune.py prompt, the default
+    ("", "itap of a {}", "itap of a {}"),  # empty: the search's SETAR.PROMPT_TEMPLATE
+])
+def test_ft_trainer_encodes_setar_ft_prompt_template(data_root, tiny_vit_path, tmp_path, ft_prompt, search_prompt,
+                                                     used):
+    assert get_cfg_default().SETAR.FT.PROMPT_TEMPLATE == "a photo of a {}"
+    cfg = _cfg(data_root, tiny_vit_path, tmp_path / "p", epochs=1, PROMPT_TEMPLATE=ft_prompt)
+    cfg.SETAR.PROMPT_TEMPLATE = search_prompt
+    trainer = _build(cfg)
+    names = list(trainer.dm.dataset.classnames)
+    assert torch.equal(trainer.tokens.cpu(), clip.tokenize([used.replace("{}", c) for c in names]))

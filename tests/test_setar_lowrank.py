@@ -58,13 +58,47 @@ def test_n_removed_rounds_like_setar():
     assert n_removed(0.375, (4, 4)) == 2  # round(1.5) -> 2
 
 
-@pytest.mark.parametrize("ratio", [-0.1, 1.0, 1.5, True, "0.1"])
-def test_ratio_outside_unit_interval(model, ratio):
+@pytest.mark.parametrize("ratio", [-0.1, 1.5, 7.25, float("inf"), True, "0.1"])
+def test_ratio_neither_fraction_nor_rank(model, ratio):
     ed = LowRankEditor(model)
     before = model.visual.transformer.resblocks[0].mlp.c_fc.weight.clone()
-    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+    with pytest.raises(ValueError, match=r"\[0, 1\).*whole number"):
         ed.apply("visual", "W_up", 0, ratio)
     assert torch.equal(model.visual.transformer.resblocks[0].mlp.c_fc.weight, before)
+
+
+def test_absolute_rank_as_setar():
+    # SeTAR's to_target_modules: a value < 1 is a ratio (rounded), anything else is the rank itself
+    assert n_removed(5, (256, 64)) == 5
+    assert n_removed(5.0, (256, 64)) == 5
+    assert n_removed(1, (256, 64)) == 1
+    assert n_removed(63, (256, 64)) == 63
+    with pytest.raises(ValueError, match=r"remove 64 singular components .* which has 64; give at most 63"):
+        n_removed(64, (256, 64))
+    with pytest.raises(ValueError, match="which has 64"):
+        n_removed(100, (64, 256))
+
+
+@pytest.mark.parametrize("prune_type", ["small", "large"])
+def test_absolute_rank_removes_exactly_that_many(model, prune_type):
+    lin = get_linear(model, "visual", "W_up", 1)
+    w0 = lin.weight.detach().clone()
+    m = min(w0.shape)
+    # the naive twin: a fresh SVD in float64, the 5 chosen components dropped by hand
+    u, s, vh = torch.linalg.svd(w0.double(), full_matrices=False)
+    keep = torch.ones(m, dtype=torch.bool)
+    keep[(torch.arange(m - 5, m) if prune_type == "small" else torch.arange(0, 5))] = False
+    expected = (u[:, keep] * s[keep]) @ vh[keep]
+    ed = LowRankEditor(model, prune_type)
+    assert ed.apply("visual", "W_up", 1, 5) == 5
+    w = lin.weight.detach().double()
+    assert torch.linalg.matrix_rank(w, rtol=1e-5) == m - 5
+    assert torch.allclose(w, expected, atol=1e-5)
+    ed.revert_all()
+    before = lin.weight.detach().clone()
+    with pytest.raises(ValueError, match=f"which has {m}"):
+        ed.apply("visual", "W_up", 1, m)  # refused before the weight is touched
+    assert torch.equal(lin.weight, before)
 
 
 def test_ratio_removing_every_component_is_refused(model):

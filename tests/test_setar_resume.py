@@ -162,7 +162,8 @@ def test_settings_files_and_the_completion_marker(tmp_path):
     for bad, match in [({**doc, "complete": False}, "marked incomplete"), ({k: v for k, v in doc.items()
                                                                             if k != "complete"}, "marked incomplete"),
                        ({"format": "locoop.setar.settings", "complete": True}, "no 'settings' entry"),
-                       ({"lora_settings": settings}, "expected a list .* or a best_settings.json")]:
+                       ({"lora_settings": None, "model_name": "x"}, "lora_settings is null"),
+                       ({"settings": settings}, "expected a list .*, a best_settings.json .* or SeTAR's config_best")]:
         path = tmp_path / "bad.json"
         path.write_text(json.dumps(bad))
         with pytest.raises(ValueError, match=match):

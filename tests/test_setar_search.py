@@ -264,7 +264,8 @@ def test_settings_round_trip(tmp_path):
     ([["visual", "W_mlp", 0, 0.1]], "unknown weight type 'W_mlp'; valid weight types: W_q"),
     ([["visual", "W_up", 5, 0.1]], r"layer index in 0\.\.1"),
     ([["visual", "W_up", "5", 0.1]], "block index"),
-    ([["visual", "W_up", 0, 1.0]], r"\[0, 1\)"),
+    ([["visual", "W_up", 0, 1.5]], r"\[0, 1\) .* or a whole number >= 1"),
+    ([["visual", "W_up", 0, 64]], r"which has 64; give at most 63"),  # an absolute rank (SeTAR's) too large
     ([["visual", "W_up", 0, 0.999]], "all of them"),
     ([["text", "W_p", 3, 0.1]], "W_p has no layer"),
     ([["visual", "W_up", 0, 0.1], ["visual", "W_up", 0, 0.2]], "already set by entry 0"),
@@ -330,6 +331,11 @@ def test_search_script_end_to_end(tmp_path):
                                          ["text", "W_up", 0]]
     progress = json.loads((out / "search_progress.json").read_text())
     assert progress["complete"] is True and progress["settings"] == settings
+    # the same settings in SeTAR's config_best.json shape, read back by --settings
+    setar_best = json.loads((out / "config_best.json").read_text())
+    assert setar_best["lora_settings"] == settings and setar_best["id_dataset"] == "ID_ImageNet1K"
+    assert setar_best["temperature"] == 100.0 and setar_best["scorers"] == ["mcm_score", "gl_mcm_score"]
+    assert [list(s) for s in load_settings(out / "config_best.json")] == settings
     summary = json.loads((out / "search_summary.json").read_text())
     assert summary["final"] <= summary["baseline"]
     results = json.loads((out / "ood_results.json").read_text())

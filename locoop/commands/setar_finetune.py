@@ -18,6 +18,10 @@
    accuracy): ``ood_results.{md,csv,json}``, ``ood_scores.npz``, ``plots/``. ``--no-test`` stops
    after training.
 
+The backbone may be a CLIP (``ViT-B/16``, ``ViT-L/14``, ...) or a Swin-V2 classifier snapshot
+(``configs/setar/finetune/imagenet/swin_base/``): the runner then scores the adapted classifier's
+own logits (``trainer.text_features()`` is None), with the same result files.
+
 ``--model-dir RUN [--load-epoch N]`` skips training and tests a finished run (results in
 ``--output-dir``, default ``RUN``); the adapters are rebuilt from the checkpoint's description,
 so ``--settings`` is optional there (given, it must match).

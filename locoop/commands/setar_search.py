@@ -14,12 +14,13 @@ loader, the test from the shared OOD benchmark runner.
    ID *validation* split (``DATASET.VAL_SPLIT_FILE``, SeTAR's JSON) with the LoCoOp loss, or with
    an OOD metric on ``SETAR.OOD_VAL_DATASETS``. Writes ``search_log.csv`` / ``search_log.json`` and
    ``search_progress.json`` after every step, ``best_settings.json`` (with its completion marker)
-   and ``search_summary.json`` once the search is complete. Started again on the same
+   and ``search_summary.json`` once the search is complete, and the settings again as SeTAR's
+   ``config_best.json`` (its argument names; :func:`locoop.config.setar_json.setar_config_best`). Started again on the same
    ``--output-dir``, an interrupted search resumes after its last completed step (the same
    settings and log as an uninterrupted run) and a complete one goes straight to the test; with
    other search settings it is refused, naming what differs.
-   ``--settings FILE`` (``SETAR.SETTINGS_FILE``) applies a saved ``best_settings.json`` instead
-   of searching; ``none`` evaluates the unpruned model (vanilla MCM / GL-MCM).
+   ``--settings FILE`` (``SETAR.SETTINGS_FILE``) applies a saved ``best_settings.json`` (or a plain
+   list, or SeTAR's ``config_best.json``) instead of searching; ``none`` evaluates the unpruned model (vanilla MCM / GL-MCM).
 2. Test: the pruned model through the shared OOD benchmark runner (``OOD.SCORES``, MCM and GL-MCM
    in the SeTAR configs, and ID accuracy): ``ood_results.{md,csv,json}``, ``ood_scores.npz``,
    ``plots/``. ``--no-test`` stops after the search.
@@ -62,7 +63,8 @@ TEXT_CHUNK = 1000  # prompts per text forward pass in the search: one chunk for 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the common flags plus the search's own."""
     parser.add_argument("--settings", type=str, default=None, metavar="JSON",
-                        help="apply this best_settings.json instead of searching (SETAR.SETTINGS_FILE); "
+                        help="apply this best_settings.json (or SeTAR's config_best.json, or a plain list) instead of "
+                             "searching (SETAR.SETTINGS_FILE); "
                              "'none' = the unpruned model")
     parser.add_argument("--mode", choices=("fast", "naive"), default=None,
                         help="search implementation (SETAR.MODE): fast (cached, exact; default) or naive")
@@ -324,6 +326,15 @@ def _identity_extra(cfg: Any, trainer: Any, prompts: Any, val: list) -> Dict[str
 
 
 # ------------------------------------------------------------------------------------ run
+def _save_config_best(cfg: Any, settings: Any, args: argparse.Namespace, main_rank: bool) -> None:
+    """The settings also as SeTAR's ``config_best.json`` (its argument names), for SeTAR's own scripts."""
+    from locoop.config.setar_json import CONFIG_BEST_FILE, save_setar_config_best
+
+    if main_rank:
+        save_setar_config_best(os.path.join(cfg.OUTPUT_DIR, CONFIG_BEST_FILE), cfg, settings,
+                               model_type="LoCoOp" if args.model_dir else None)
+
+
 def _run(args: argparse.Namespace) -> int:
     cfg = build_cfg(args, freeze=False)
     if args.settings is not None:
@@ -421,6 +432,7 @@ def _run(args: argparse.Namespace) -> int:
               f"{len(settings)}" + (f" (resumed at step {', '.join(map(str, result.resumed_at))})"
                                     if result.resumed_at else ""))
         print(f"Best settings: {os.path.join(cfg.OUTPUT_DIR, 'best_settings.json')}")
+        _save_config_best(cfg, settings, args, main_rank)
         meta["setar"].update({"baseline_criterion": result.baseline, "final_criterion": result.final,
                               "search_seconds": result.seconds, "counters": result.counters,
                               "resumed_at": list(result.resumed_at)})
@@ -428,6 +440,7 @@ def _run(args: argparse.Namespace) -> int:
         settings = apply_settings(editor, settings)
         if main_rank:
             save_best_settings(os.path.join(cfg.OUTPUT_DIR, "best_settings.json"), settings)
+        _save_config_best(cfg, settings, args, main_rank)
         print(f"Applied {len(nonzero(settings))} non-zero settings from {settings_file}")
         meta["setar"]["settings_file"] = os.path.abspath(settings_file)
     else:

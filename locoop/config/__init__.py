@@ -221,9 +221,17 @@ def merge_from_dict(cfg: CfgNode, data: Mapping[str, Any], source: str = "a dict
 
 
 def merge_from_file(cfg: CfgNode, path: str) -> CfgNode:
-    """Merge a YAML file into ``cfg`` (checked keys and types)."""
+    """Merge a YAML file into ``cfg`` (checked keys and types); a ``.json`` file is SeTAR's JSON config.
+
+    A ``.json`` file goes through :func:`locoop.config.setar_json.merge_setar_json` (every SeTAR key
+    mapped to ours, unknown keys refused).
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Config file not found: '{path}'. Check the path (configs/ holds the shipped ones).")
+    if str(path).lower().endswith(".json"):
+        from .setar_json import merge_setar_json
+
+        return merge_setar_json(cfg, path)
     with open(path, encoding="utf-8") as f:
         try:
             data = yaml.safe_load(f)

@@ -149,11 +149,11 @@ def _backbone(value: Any, cfg: Any) -> Optional[str]:
     return f"MODEL.BACKBONE.NAME is empty: {_backbone_hint()}"
 
 
-def _template(key: str, hint: str = "") -> Rule:
-    """``key`` is a prompt template with exactly one ``{}`` for the class name."""
+def _template(key: str, hint: str = "", allow_empty: bool = False) -> Rule:
+    """``key`` is a prompt template with exactly one ``{}`` for the class name ("" too if ``allow_empty``)."""
 
     def check(value: Any, cfg: Any) -> Optional[str]:
-        if str(value).count("{}") == 1:
+        if str(value).count("{}") == 1 or (allow_empty and str(value) == ""):
             return None
         return f"{key} must contain '{{}}' once for the class name, got {value!r}.{hint}"
 
@@ -320,6 +320,8 @@ SECTIONS: Dict[str, Tuple[Rule, ...]] = {
         at_least("SETAR.FT.TOPK", 1),
         in_range("SETAR.FT.LORA_DROPOUT", 0, 1, high_open=True),
         rule("SETAR.FT.TRAIN_SPLIT", _ft_split),
+        _template("SETAR.FT.PROMPT_TEMPLATE", " ('' = SETAR.PROMPT_TEMPLATE; SeTAR's: 'a photo of a {}')",
+                  allow_empty=True),
     ),
 }
 

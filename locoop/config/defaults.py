@@ -248,7 +248,9 @@ def _add_setar(c: CN) -> None:
     c.SETAR.OOD_VAL_DATASETS = []  # OOD validation sets for a metric criterion
     c.SETAR.SCORE = "GL-MCM"  # score used by metric criteria and the final benchmark
     c.SETAR.CACHE_GB = 8.0  # fast search: memory budget of cached block inputs (above it every k-th is kept; exact)
-    c.SETAR.PROMPT_TEMPLATE = "a photo of a {}."  # zero-shot class prompt (SeTAR's code omits the final '.')
+    # zero-shot class prompt of the search and the benchmark: SeTAR's own ("a photo of a {}", no full stop,
+    # both datasets: its model_hub / test_ood.py); "a photo of a {}." (CoOp's) is an opt-in departure
+    c.SETAR.PROMPT_TEMPLATE = "a photo of a {}"
     c.SETAR.FT = CN()
     c.SETAR.FT.ADAPTER = "setar"  # setar (ranks and init from the search) or lora (baseline)
     c.SETAR.FT.LORA_RANK = 8  # rank of plain LoRA adapters
@@ -259,6 +261,9 @@ def _add_setar(c: CN) -> None:
     c.SETAR.FT.PREC = "fp32"  # fp32 (SeTAR's) or amp (fp16 autocast on CUDA); weights and SVD stay fp32
     c.SETAR.FT.TRAIN_SPLIT = "train"  # train: few-shot train_x (NUM_SHOTS); val: the ID validation split (SeTAR's)
     c.SETAR.FT.LR_STEP = "iter"  # iter: schedule per optimiser step (SeTAR's); epoch: per epoch (Dassl)
+    # class prompt SeTAR+FT / LoRA train and evaluate with: SeTAR's finetune.py's "a photo of a {}";
+    # "" = the search's SETAR.PROMPT_TEMPLATE
+    c.SETAR.FT.PROMPT_TEMPLATE = "a photo of a {}"
 
 
 def _build_defaults() -> CN:

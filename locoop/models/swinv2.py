@@ -713,54 +713,45 @@ def save_snapshot(model: nn.Module, out: PathLike, fmt: str = "safetensors", hub
         hub_layout: write the Hub-cache layout instead of a plain folder.
         repo_id: ``org/name`` of the Hub-cache folder.
 
-    Files are written to a temporary folder first and moved into place, so an interrupted write
-    leaves no half-written snapshot.
+    Every file, the snapshot folder and the ref are written atomically (:mod:`clip.fileio`), so an
+    interrupted write leaves no half-written snapshot.
     """
     if fmt not in ("safetensors", "bin"):
         raise ValueError(f"unknown snapshot format {fmt!r}; valid formats: safetensors, bin")
     if hub_layout and not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
         raise ValueError(f"repo_id must look like 'org/name', got {repo_id!r}")
+    # The project's one set of atomic writers (temporary sibling + rename, the umask's permissions).
+    from clip.fileio import atomic_copy, atomic_folder, atomic_write_text
+
     hf_model = model.to_hf() if isinstance(model, SwinV2Classifier) else model
     out = Path(os.fspath(out))
     out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".swinv2-", dir=out))
+    staging = Path(tempfile.mkdtemp(prefix=".swinv2-", dir=out))  # what transformers writes, read back below
     try:
         if fmt == "safetensors":
-            hf_model.save_pretrained(tmp)
+            hf_model.save_pretrained(staging)
         else:
-            hf_model.config.save_pretrained(tmp)
+            hf_model.config.save_pretrained(staging)
             state = {k: v.detach().cpu().contiguous() for k, v in hf_model.state_dict().items()}
-            torch.save(state, tmp / "pytorch_model.bin")
-        files = sorted(p.name for p in tmp.iterdir() if p.is_file())
-        umask = os.umask(0)
-        os.umask(umask)
-        for name in files:  # temporary files are private; the snapshot gets ordinary permissions
-            os.chmod(tmp / name, 0o666 & ~umask)
+            torch.save(state, staging / "pytorch_model.bin")
+        files = sorted(p.name for p in staging.iterdir() if p.is_file())
         if not hub_layout:
             for name in files:
-                os.replace(tmp / name, out / name)
+                atomic_copy(staging / name, out / name)
             return out
         repo = out / ("models--" + repo_id.replace("/", "--"))
-        hashes = {name: _sha256(tmp / name) for name in files}
+        hashes = {name: _sha256(staging / name) for name in files}
         commit = hashlib.sha1("".join(f"{n}:{h}\n" for n, h in hashes.items()).encode()).hexdigest()
-        (repo / "blobs").mkdir(parents=True, exist_ok=True)
-        snap_tmp = Path(tempfile.mkdtemp(prefix=".snapshot-", dir=tmp))
-        os.chmod(snap_tmp, 0o777 & ~umask)
         for name, digest in hashes.items():
-            os.replace(tmp / name, repo / "blobs" / digest)
-            try:
-                os.symlink(os.path.join("..", "..", "blobs", digest), snap_tmp / name)
-            except OSError:  # no symlinks (some Windows setups): the Hub client copies too
-                shutil.copyfile(repo / "blobs" / digest, snap_tmp / name)
-        (repo / "snapshots").mkdir(exist_ok=True)
+            atomic_copy(staging / name, repo / "blobs" / digest)
         snapshot = repo / "snapshots" / commit
-        if snapshot.exists():
-            shutil.rmtree(snapshot)
-        os.replace(snap_tmp, snapshot)
-        (repo / "refs").mkdir(exist_ok=True)
-        ref_tmp = repo / "refs" / ".main.tmp"
-        ref_tmp.write_text(commit, encoding="utf-8")
-        os.replace(ref_tmp, repo / "refs" / "main")
+        with atomic_folder(snapshot) as snap_tmp:
+            for name, digest in hashes.items():
+                try:
+                    os.symlink(os.path.join("..", "..", "blobs", digest), snap_tmp / name)
+                except OSError:  # no symlinks (some Windows setups): the Hub client copies too
+                    shutil.copyfile(repo / "blobs" / digest, snap_tmp / name)
+        atomic_write_text(repo / "refs" / "main", commit)
         return snapshot
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)

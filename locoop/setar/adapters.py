@@ -1,11 +1,12 @@
-"""Low-rank adapters on CLIP weight matrices: SeTAR+FT's SVD-initialised adapters and plain LoRA.
+"""Low-rank adapters on CLIP / Swin-V2 weight matrices: SeTAR+FT's SVD-initialised adapters and plain LoRA.
 
 SeTAR+FT (Li et al., NeurIPS 2024, section 3.3): for every matrix ``W`` a SeTAR search pruned with
 ratio ``r > 0``, split ``W`` by its SVD (float32) into
 
 * the principal part, kept frozen as the layer's base weight: the reconstruction from the
   components the search *keeps* (for the ``small`` prune type, all but the ``k`` smallest), and
-* the minor part of rank ``k = round(r * min(W.shape))``, which becomes a LoRA adapter with
+* the minor part of rank ``k = round(r * min(W.shape))`` (``k = r`` for a whole number ``r >= 1``,
+  an absolute rank as in SeTAR's ``lora_settings``; :func:`~locoop.setar.lowrank.n_removed`), which becomes a LoRA adapter with
   ``A = sqrt(S_minor) V_minor^T`` (``[k, in]``), ``B = U_minor sqrt(S_minor)`` (``[out, k]``) and
   scaling 1,
 
@@ -16,6 +17,10 @@ Which components are "minor" follows the prune type of the search (``small`` / `
 Plain LoRA (the baseline): one rank on the configured weight types of every block of both towers,
 peft's default initialisation (``A`` Kaiming-uniform, ``B = 0``, so the model also starts unchanged)
 and scaling ``alpha / rank``.
+
+Both backbones are addressed the same way (:func:`locoop.setar.lowrank.get_linear`): a CLIP's
+``(tower, weight_type, block)``, a Swin-V2 classifier's ``("visual", weight_type, (stage, block))`` (SeTAR's
+Swin naming; no ``W_p``, one tower). Descriptions store a Swin layer as a JSON list ``[stage, block]``.
 
 Implementation: the adapters are peft LoRA layers (``peft.inject_adapter_in_model``, in place, no
 wrapper model), so the model keeps its module names and its own forward -- the one evaluation uses.
@@ -42,14 +47,15 @@ from __future__ import annotations
 import copy
 import math
 import re
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from locoop.engine.provenance import weights_sha256
 
-from .lowrank import BLOCK_WEIGHT_TYPES, LowRankEditor, get_linear, n_removed, num_layers
+from .lowrank import (BLOCK_WEIGHT_TYPES, LowRankEditor, get_linear, is_block_model, n_removed, normalize_layer,
+                      num_layers)
 from .settings import validate_settings
 
 __all__ = [
@@ -70,12 +76,12 @@ ADAPTER_KINDS: Tuple[str, ...] = ("setar", "lora")
 ADAPTER_NAME = "default"  # peft adapter name
 META_FORMAT = 1
 
-Key = Tuple[str, str, Optional[int]]
+Key = Tuple[str, str, Any]  # (tower, weight_type, layer): layer int, (stage, block) or None
 Tensor = torch.Tensor
 
 
 # ============================================================================ addressing / hashing
-def module_name(model: nn.Module, tower: str, weight_type: str, layer: Optional[int] = None) -> str:
+def module_name(model: nn.Module, tower: str, weight_type: str, layer: Any = None) -> str:
     """Dotted name (as in ``model.named_modules()``) of the ``nn.Linear`` of one SeTAR matrix."""
     target = get_linear(model, tower, weight_type, layer)
     for name, mod in model.named_modules():
@@ -84,15 +90,40 @@ def module_name(model: nn.Module, tower: str, weight_type: str, layer: Optional[
     raise ValueError(f"{_describe((tower, weight_type, layer))} is not a submodule of the model")  # pragma: no cover
 
 
+def _format_layer(layer: Any) -> str:
+    """A layer for messages: ``11`` (CLIP) or ``[3, 1]`` (Swin-V2)."""
+    if isinstance(layer, (list, tuple)):
+        return "[" + ", ".join(str(v) for v in layer) + "]"
+    return str(layer)
+
+
 def _describe(key: Key) -> str:
     tower, weight_type, layer = key
-    return f"{tower} {weight_type}" + ("" if layer is None else f" layer {layer}")
+    return f"{tower} {weight_type}" + ("" if layer is None else f" layer {_format_layer(layer)}")
+
+
+def _key(key: Sequence) -> Key:
+    """A matrix address as a dict key (a Swin ``[stage, block]`` list becomes a tuple)."""
+    tower, weight_type, layer = key
+    return tower, weight_type, normalize_layer(layer)
+
+
+def _plain_layer(layer: Any) -> Any:
+    """A layer as stored in descriptions and JSON: a Swin ``(stage, block)`` as a list."""
+    return list(layer) if isinstance(layer, tuple) else layer
 
 
 def _param_key(key: Key, which: str) -> str:
-    # ParameterDict names may not contain '.', so SeTAR's address is joined with ':'.
+    # ParameterDict names may not contain '.', so SeTAR's address is joined with ':' (a Swin layer as
+    # stage_block).
     tower, weight_type, layer = key
-    return f"{tower}:{weight_type}:{'-' if layer is None else layer}:{which}"
+    if layer is None:
+        token = "-"
+    elif isinstance(layer, (list, tuple)):
+        token = "_".join(str(v) for v in layer)
+    else:
+        token = str(layer)
+    return f"{tower}:{weight_type}:{token}:{which}"
 
 
 def base_weights_sha256(model: nn.Module) -> str:
@@ -194,7 +225,7 @@ class AdapterSet(nn.Module):
 
     def layer(self, key: Key) -> nn.Module:
         """The peft layer of one adapted matrix."""
-        return self._layers[tuple(key)]
+        return self._layers[_key(key)]
 
     def towers(self) -> set:
         """Towers with at least one adapter."""
@@ -256,11 +287,11 @@ class AdapterSet(nn.Module):
 
 # ============================================================================ compatibility
 def _modules_list(meta: Mapping) -> list:
-    return [list(m) for m in meta.get("modules", [])]
+    return [[m[0], m[1], _plain_layer(normalize_layer(m[2]))] + list(m[3:]) for m in meta.get("modules", [])]
 
 
 def _fmt_modules(mods: Sequence) -> str:
-    parts = [f"{t} {w}{'' if l is None else ' ' + str(l)} (rank {r})" for t, w, l, r, *_ in mods]
+    parts = [f"{t} {w}{'' if l is None else ' ' + _format_layer(l)} (rank {r})" for t, w, l, r, *_ in mods]
     return ", ".join(parts[:6]) + (f", ... ({len(parts)} in all)" if len(parts) > 6 else "") if parts else "none"
 
 
@@ -307,9 +338,10 @@ def add_setar_adapters(model: nn.Module, settings: Iterable[Sequence], prune_typ
     """Split every matrix with a non-zero ratio into a frozen principal base and a trainable adapter.
 
     Args:
-        model: a :class:`clip.model.CLIP` in float32, without adapters (modified in place).
-        settings: ``[[tower, weight_type, layer, ratio], ...]`` (a SeTAR search's best settings);
-            entries whose ratio removes no component are skipped.
+        model: a :class:`clip.model.CLIP` or a Swin-V2 classifier in float32, without adapters
+            (modified in place).
+        settings: ``[[tower, weight_type, layer, ratio], ...]`` (a SeTAR search's best settings;
+            Swin-V2 layers ``[stage, block]``); entries whose ratio removes no component are skipped.
         prune_type: which components form the adapter (``small``: the smallest, SeTAR+FT).
         seed: seed of the ``random`` prune type (as in the search).
         dropout: LoRA dropout on the adapter input.
@@ -363,9 +395,9 @@ def add_setar_adapters(model: nn.Module, settings: Iterable[Sequence], prune_typ
             layers[key] = layer
     meta = {
         "format": META_FORMAT, "kind": "setar", "backbone": str(backbone), "base_sha256": base_sha256,
-        "settings": [[t, w, l, float(r)] for (t, w, l), r, _ in entries],
+        "settings": [[t, w, _plain_layer(l), float(r)] for (t, w, l), r, _ in entries],
         "prune_type": prune_type, "seed": int(seed),
-        "modules": [[t, w, l, int(k), 1.0] for (t, w, l), _, k in entries],
+        "modules": [[t, w, _plain_layer(l), int(k), 1.0] for (t, w, l), _, k in entries],
     }
     return AdapterSet().attach(meta, layers, names)
 
@@ -373,17 +405,25 @@ def add_setar_adapters(model: nn.Module, settings: Iterable[Sequence], prune_typ
 def lora_targets(model: nn.Module, weight_types: Sequence[str], include_proj: bool = False) -> List[Key]:
     """Every block's ``weight_types`` in both towers (bottom to top), plus ``W_p`` when asked.
 
+    A Swin-V2 classifier: every block of every stage (forward order) of its one tower; it has no ``W_p``.
+
     Raises:
-        ValueError: unknown weight type, or a ResNet image tower (no transformer blocks).
+        ValueError: unknown weight type, a ResNet image tower (no transformer blocks), or
+            ``include_proj`` on a Swin-V2.
     """
     types = list(weight_types)
     bad = [t for t in types if t not in BLOCK_WEIGHT_TYPES]
     if bad or not types or len(set(types)) != len(types):
         raise ValueError(f"LoRA weight types must be distinct entries of {', '.join(BLOCK_WEIGHT_TYPES)}; got {types} "
                          "(the projections W_p are added with SETAR.FREEZE_PROJ False)")
+    swin = is_block_model(model)
+    if swin and include_proj:
+        raise ValueError("a Swin-V2 classifier has no projection W_p (its classifier head is not adapted); set "
+                         "SETAR.FREEZE_PROJ True")
     keys: List[Key] = []
-    for tower in ("visual", "text"):
-        for layer in range(num_layers(model, tower)):
+    for tower in ("visual",) if swin else ("visual", "text"):
+        layers = model.layers() if swin else range(num_layers(model, tower))  # Swin: (stage, block), forward order
+        for layer in layers:
             keys.extend((tower, t, layer) for t in types)
         if include_proj:
             keys.append((tower, "W_p", None))
@@ -420,7 +460,7 @@ def add_lora_adapters(model: nn.Module, weight_types: Sequence[str], rank: int, 
         "format": META_FORMAT, "kind": "lora", "backbone": str(backbone), "base_sha256": base_sha256,
         "weight_types": list(weight_types), "include_proj": bool(include_proj), "lora_rank": int(rank),
         "lora_alpha": float(alpha),
-        "modules": [[t, w, l, int(rank), float(alpha) / rank] for (t, w, l) in keys],
+        "modules": [[t, w, _plain_layer(l), int(rank), float(alpha) / rank] for (t, w, l) in keys],
     }
     return AdapterSet().attach(meta, layers, names)
 

@@ -14,8 +14,10 @@ type       per block ``l`` of a tower            module
 ``W_p``    the tower's final projection (no l)   ``visual.proj`` / ``text_projection``
 =========  ====================================  ==============================
 
-A ratio ``r`` removes ``k = round(r * min(W.shape))`` singular components (Python's ``round``,
-i.e. halves to even, as SeTAR's ``round(full_rank * rank_ratio)``) and writes back
+A ratio ``r < 1`` removes ``k = round(r * min(W.shape))`` singular components (Python's ``round``,
+i.e. halves to even, as SeTAR's ``round(full_rank * rank_ratio)``); a whole number ``r >= 1`` is
+an absolute rank, ``k = r``, as SeTAR reads its ``lora_settings`` (``5`` removes 5 components).
+Either way ``k`` must leave a component (``k < min(W.shape)``). The edit writes back
 ``U[:, keep] diag(S[keep]) Vh[keep]`` -- the reconstruction from the kept components, as SeTAR's
 SVD split does. Which components go is the prune type:
 
@@ -33,8 +35,9 @@ list in JSON), the matrices are the model's own ``get_linear`` (W_q .. W_down; n
 """
 from __future__ import annotations
 
+import math
 import zlib
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -157,24 +160,41 @@ def get_linear(model: nn.Module, tower: str, weight_type: str, layer: Optional[i
     return getattr(getattr(transformer.resblocks[layer], first), second)
 
 
-def check_ratio(ratio: float, what: str = "ratio") -> float:
-    """Validate a pruning ratio (a number in [0, 1)) and return it as float."""
+def check_ratio(ratio: float, what: str = "ratio") -> Union[float, int]:
+    """Validate a pruning ratio: a float in [0, 1), or an int for an absolute rank.
+
+    A number in [0, 1) is the fraction of singular components to remove; a whole number >= 1 is
+    the number of components itself (an absolute rank, as in SeTAR's ``lora_settings``), returned
+    as an int so that files write it as SeTAR does (``5``, which SeTAR's code requires to be an int).
+    """
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
-        raise ValueError(f"{what} must be a number in [0, 1), got {ratio!r}")
+        raise ValueError(f"{what} must be a number in [0, 1) or a whole number of components >= 1, got {ratio!r}")
     r = float(ratio)
+    if math.isfinite(r) and r >= 1.0 and r == int(r):
+        return int(r)
     if not 0.0 <= r < 1.0:
-        raise ValueError(f"{what} must be in [0, 1) (the fraction of singular components to remove), got {ratio!r}")
+        raise ValueError(f"{what} must be in [0, 1) (the fraction of singular components to remove) or a whole "
+                         f"number >= 1 (how many to remove, as SeTAR's absolute ranks), got {ratio!r}")
     return r
 
 
 def n_removed(ratio: float, shape: Tuple[int, int], what: str = "the matrix") -> int:
-    """Number of singular components a ratio removes: ``round(ratio * min(shape))``.
+    """Number of singular components a ratio removes.
+
+    ``round(ratio * min(shape))`` for a ratio below 1, the ratio itself for a whole number >= 1
+    (SeTAR's ``to_target_modules``: ``rank < 1`` is a ratio, anything else a rank).
 
     Raises:
-        ValueError: the ratio is outside [0, 1) or would remove every component.
+        ValueError: an invalid ratio, or one that would remove every component (or more).
     """
     r = check_ratio(ratio)
     full = min(int(shape[0]), int(shape[1]))
+    if r >= 1.0:
+        k = int(r)
+        if k >= full:
+            raise ValueError(f"rank {ratio} asks to remove {k} singular components of {what} (shape {tuple(shape)}), "
+                             f"which has {full}; give at most {full - 1} (or a ratio below 1)")
+        return k
     k = round(r * full)
     if k >= full:
         raise ValueError(f"ratio {ratio} removes round({r} * {full}) = {k} of the {full} singular components of "
@@ -272,8 +292,8 @@ class LowRankEditor:
         """Replace the weight by its approximation at ``ratio`` (in place); returns components removed.
 
         Raises:
-            ValueError: bad tower/type/layer, ratio outside [0, 1), or a ratio removing every
-                component -- checked before anything is changed.
+            ValueError: bad tower/type/layer, a ratio neither in [0, 1) nor a whole number >= 1, or
+                one removing every component -- checked before anything is changed.
         """
         key = (tower, weight_type, normalize_layer(layer))
         lin = self.linear(*key)

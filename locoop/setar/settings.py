@@ -10,8 +10,9 @@ Example::
     [["visual", "W_up", 11, 0.35], ["visual", "W_up", 10, 0.0], ["text", "W_p", null, 0.1]]
 
 Settings are validated against the model before anything is applied: unknown tower or weight
-type, a layer the tower does not have, a ratio outside ``[0, 1)`` or one removing every component,
-and a matrix listed twice are errors naming the entry.
+type, a layer the tower does not have, a ratio that is neither in ``[0, 1)`` nor a whole number
+``>= 1`` (an absolute rank, as SeTAR reads it: ``5`` removes 5 components), one removing every
+component, and a matrix listed twice are errors naming the entry.
 
 Files (:func:`load_settings`, the one reader; :data:`SETTINGS_FORMS` lists the forms it accepts):
 
@@ -25,6 +26,11 @@ Files (:func:`load_settings`, the one reader; :data:`SETTINGS_FORMS` lists the f
 * a plain list as above (written by hand, SeTAR's ``lora_settings``, ``finetune_settings.json``):
   it carries no marker and is taken as complete -- our search never writes settings in this form
   before it has finished, so only a file someone else wrote can be one.
+* SeTAR's own ``config_best.json`` (and its ``config_finetune.json``) as published in its
+  ``results/`` folders: the run's arguments as a JSON object whose ``lora_settings`` holds the list
+  above; the other arguments are not read (the config gives them). SeTAR writes this file only
+  after its search has finished. A ``lora_settings`` of ``null`` (a config before any search) is
+  refused.
 """
 from __future__ import annotations
 
@@ -133,6 +139,18 @@ def _read_best_settings(data: Mapping, source: str) -> Any:
     return data["settings"]
 
 
+def _is_setar_args(data: Any) -> bool:
+    return isinstance(data, Mapping) and "lora_settings" in data and "format" not in data
+
+
+def _read_setar_args(data: Mapping, source: str) -> Any:
+    entries = data["lora_settings"]
+    if entries is None:
+        raise ValueError(f"{source} is a SeTAR config whose lora_settings is null (no searched settings): give the "
+                         "config_best.json SeTAR's search wrote, or our setar-search's best_settings.json")
+    return entries
+
+
 def _read_progress(data: Mapping, source: str) -> Any:
     raise ValueError(f"{source} is the progress file of a SeTAR search, not its result; run the same "
                      "`python -m locoop setar-search` command again (it resumes or finishes) and use the "
@@ -149,6 +167,7 @@ SETTINGS_FORMS: List[Tuple[str, Callable[[Any], bool], Callable[[Any, str], Any]
     (f"best_settings.json of setar-search (format {SETTINGS_FORMAT!r})", _is_ours(SETTINGS_FORMAT),
      _read_best_settings),
     ("search_progress.json (refused)", _is_ours(PROGRESS_FORMAT), _read_progress),
+    ("SeTAR's config_best.json / config_finetune.json (its lora_settings)", _is_setar_args, _read_setar_args),
 ]
 
 
@@ -171,8 +190,9 @@ def load_settings(path: Union[str, os.PathLike], model: Optional[nn.Module] = No
     for _name, detect, read in SETTINGS_FORMS:
         if detect(data):
             return validate_settings(read(data, str(path)), model, source=str(path))
-    raise ValueError(f"{path}: expected a list [[tower, weight_type, layer, ratio], ...] or a best_settings.json "
-                     f"written by setar-search, got a {type(data).__name__}"
+    raise ValueError(f"{path}: expected a list [[tower, weight_type, layer, ratio], ...], a best_settings.json "
+                     f"written by setar-search or SeTAR's config_best.json (with lora_settings), got a "
+                     f"{type(data).__name__}"
                      + (f" with keys {sorted(data)[:8]}" if isinstance(data, Mapping) else ""))
 
 
