@@ -340,3 +340,11 @@ def test_setar_json_swin_config_runs_the_swin_search(tmp_path, data_root, snapsh
     assert results["meta"]["trainer"] == "SeTARSwin" and set(results["scores"]) == {"MCM", "energy"}
     settings = json.loads((out / "best_settings.json").read_text())["settings"]
     assert [s[2] for s in settings] == [[1, 1], [1, 0], [0, 1], [0, 0]]
+
+
+def test_visualize_refuses_a_swin_backbone_in_one_line(tmp_path, data_root, snapshot, capsys):
+    image = next(p for p in (Path(data_root) / "imagenet" / "images" / "val").rglob("*") if p.is_file())
+    rc, _, err = cli(["visualize", "--root", data_root, "--trainer", "ZeroshotCLIP", "--dataset-config-file", DS_CFG,
+                      "--image_path", image, "--label", "0", "--output-dir", tmp_path,
+                      "MODEL.BACKBONE.NAME", snapshot], capsys)
+    assert rc == 2 and "is a Swin-V2 classifier" in err and "Traceback" not in err
