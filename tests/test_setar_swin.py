@@ -348,3 +348,19 @@ def test_visualize_refuses_a_swin_backbone_in_one_line(tmp_path, data_root, snap
                       "--image_path", image, "--label", "0", "--output-dir", tmp_path,
                       "MODEL.BACKBONE.NAME", snapshot], capsys)
     assert rc == 2 and "is a Swin-V2 classifier" in err and "Traceback" not in err
+
+
+def test_extract_refuses_a_swin_backbone_in_one_line(tmp_path, data_root, snapshot, capsys):
+    rc, _, err = cli(["extract", "--root", data_root, "--dataset-config-file", DS_CFG, "--datasets", "ID",
+                      "--cache-dir", tmp_path / "cache", "MODEL.BACKBONE.NAME", snapshot], capsys)
+    assert rc == 2 and "is a Swin-V2 classifier" in err and "Traceback" not in err
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.pt"))
+
+
+def test_classifier_local_logits_are_cached_in_float32(snapshot):
+    from locoop.config import get_cfg_default
+    from locoop.ood.runner import cache_local_dtype
+
+    cfg = get_cfg_default()
+    assert cfg.OOD.CACHE_LOCAL_DTYPE == "float16" and cache_local_dtype(cfg) == torch.float16
+    assert cache_local_dtype(cfg, load_swinv2(snapshot)) == torch.float32  # unbounded logits: exact
