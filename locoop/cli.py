@@ -40,8 +40,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _late_flag(parser: argparse.ArgumentParser, opts: Sequence[str]) -> Optional[str]:
+    """The first token of the trailing ``KEY VALUE`` overrides that is one of the command's flags."""
+    known = set(parser._option_string_actions)  # noqa: SLF001  (argparse has no public listing)
+    for tok in opts:
+        if tok.split("=", 1)[0] in known:
+            return tok
+    return None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # --debug is accepted anywhere (also among the trailing KEY VALUE overrides), for every command.
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     # Parse the command name first, then let the command module add its own arguments.
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
@@ -52,6 +64,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cmd_parser = argparse.ArgumentParser(prog=f"python -m locoop {name}", description=COMMANDS[name][1])
     module.add_arguments(cmd_parser)
     args = cmd_parser.parse_args(argv[1:])
+    args.debug = debug
+    late = _late_flag(cmd_parser, getattr(args, "opts", None) or [])
+    if late is not None:
+        # argparse would hand it to the config as a key; say so instead of a confusing config error.
+        print(f"python -m locoop {name}: error: {late.split('=', 1)[0]} comes after the trailing KEY VALUE config "
+              f"overrides, where it would be read as a config key; put the flags first, then the KEY VALUE pairs",
+              file=sys.stderr)
+        return 2
     rc = module.run(args)
     return int(rc or 0)
 

@@ -19,11 +19,14 @@ prepare its evaluation on a GPU with ``PREC amp``.
 from __future__ import annotations
 
 import argparse
+import re
 import time
 from typing import Any, Dict, List
 
 from locoop.commands._common import build_cfg, prepare_run, run_command
 
+
+_CONFIG_KEY = re.compile(r"^[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)+$")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the extract flags."""
@@ -77,6 +80,14 @@ def _sets(cfg: Any, names: List[str]) -> Dict[str, list]:
 def _run(args: argparse.Namespace) -> int:
     from locoop.ood.cache import FeatureCache, extract_to_cache, format_bytes, make_key, resolve_cache_dir
 
+    if args.datasets:
+        # nargs="+" also takes the trailing KEY VALUE overrides (`--datasets ID iNaturalist OOD.T 1`):
+        # a config key (upper-case, dotted) and what follows it are overrides, not set names.
+        for i, tok in enumerate(args.datasets):
+            if _CONFIG_KEY.match(tok):
+                args.opts = list(args.datasets[i:]) + list(args.opts or [])
+                args.datasets = args.datasets[:i] or None
+                break
     if args.cache_dir:
         args.opts = list(args.opts or []) + ["OOD.CACHE_DIR", args.cache_dir]
     if args.chunk_images < 1:

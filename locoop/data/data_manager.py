@@ -12,8 +12,9 @@ contiguous shards whose outputs the trainer gathers.
 """
 from __future__ import annotations
 
+import os
 import warnings
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -118,6 +119,29 @@ class SkippingDataLoader(DataLoader):
             yield batch
 
 
+_WORKER_NOTE_SHOWN = False
+
+
+def cap_num_workers(num_workers: int) -> int:
+    """``DATALOADER.NUM_WORKERS`` capped to the CPU cores this process may use, with a note once.
+
+    The shipped configs ask for 8 workers (the papers' value); on a smaller machine PyTorch warns on
+    every loader. The cap changes no number (workers only load images); ``config.yaml`` keeps the
+    value asked for, the note in the log says what ran.
+    """
+    global _WORKER_NOTE_SHOWN
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    if num_workers <= cores:
+        return num_workers
+    if not _WORKER_NOTE_SHOWN:
+        _WORKER_NOTE_SHOWN = True
+        print(f"Note: DATALOADER.NUM_WORKERS {num_workers} capped to the {cores} CPU cores of this machine")
+    return cores
+
+
 def build_data_loader(
     data_source: Sequence[Datum],
     batch_size: int,
@@ -181,7 +205,7 @@ def build_data_loader(
     # seed_worker); every random choice of ours comes from the per-sample seeds.
     loader_generator = torch.Generator()
     loader_generator.manual_seed(_mix(seed, 0, stream=1))
-    num_workers = int(num_workers)
+    num_workers = cap_num_workers(int(num_workers))
     return SkippingDataLoader(
         DatasetWrapper(data_source, tfm, strict=strict),
         batch_size=int(batch_size),
@@ -229,6 +253,39 @@ def get_dataset_class(name: str) -> type:
     from . import datasets  # noqa: F401
 
     return DATASET_REGISTRY.get(name)
+
+
+def check_every_class_has_images(dataset: DatasetBase, cfg: Any = None) -> None:
+    """Refuse a training split in which a class has no image (training would silently drop it).
+
+    Args:
+        dataset: the dataset, its ``train_x`` built; ``class_keys`` and ``train_dir`` name the folder
+            when the dataset has them.
+        cfg: the run config (for the few-shot count in the message); optional.
+
+    Raises:
+        FileNotFoundError: the classes without a training image, with their folders and the fix.
+    """
+    have = {int(d.label) for d in dataset.train_x}
+    missing = [i for i in range(int(dataset.num_classes)) if i not in have]
+    if not missing:
+        return
+    keys = list(getattr(dataset, "class_keys", None) or [])
+    train_dir = getattr(dataset, "train_dir", None)
+    names = list(dataset.classnames)
+
+    def where(i: int) -> str:
+        name = names[i] if i < len(names) else str(i)
+        if i < len(keys):
+            folder = os.path.join(train_dir, keys[i]) if train_dir else keys[i]
+            return f"{name!r} (label {i}, folder {folder})"
+        return f"{name!r} (label {i})"
+
+    shown = ", ".join(where(i) for i in missing[:5]) + (f", ... ({len(missing)} in all)" if len(missing) > 5 else "")
+    raise FileNotFoundError(
+        f"{len(missing)} of {dataset.num_classes} classes have no training images: {shown}; training would "
+        f"silently ignore them. Put images into the folder (or remove the class from the class names), "
+        f"then check with `python -m locoop check-data`")
 
 
 def build_dataset(cfg, need_train: Optional[bool] = None) -> DatasetBase:
