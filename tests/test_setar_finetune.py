@@ -472,3 +472,21 @@ def test_finetune_script_passes_its_arguments(tmp_path, extra, want):
     res = subprocess.run(["bash", os.path.join(REPO, "scripts/setar/finetune.sh"), "DATA"], env=env,
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and "usage" in res.stderr
+
+
+def test_finetune_topk_at_least_the_classes_refused(data_root, tiny_vit_path, tmp_path, capsys):
+    # The shipped SETAR.FT.TOPK 300 on a small class set would select no patch (SeTAR+FT = plain CE):
+    # refused before CLIP is loaded, naming the key, the value and the class count.
+    from locoop.cli import main
+
+    out = tmp_path / "k"
+    argv = ["setar-finetune", "--root", str(data_root), "--config-file",
+            os.path.join(REPO, "configs/setar/finetune/imagenet/SeTAR+FT.yaml"), "--output-dir", str(out),
+            "--settings", str(data_root / "settings.json"),
+            "MODEL.BACKBONE.NAME", tiny_vit_path, "MODEL.DEVICE", "cpu", "DATASET.VAL_SPLIT_FILE",
+            str(data_root / "val.json"), "INPUT.SIZE", "(32, 32)", "DATALOADER.NUM_WORKERS", "0",
+            "OOD.DATASETS", str(OOD_SETS), "VERBOSE", "False"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "SETAR.FT.TOPK 300 must be below the" in err and "Traceback" not in err
+    assert not (out / "adapters").exists()
