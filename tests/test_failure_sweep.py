@@ -246,3 +246,30 @@ def test_subprocess_one_line(tmp_path, data_root, tiny_vit_path):
         p = subprocess.run([sys.executable, "-m", "locoop"] + [str(a) for a in argv], capture_output=True, text=True,
                            env=env, timeout=300, cwd=REPO)
         assert needle in one_line_error(p.returncode, p.stderr)
+
+
+# ------------------------------------------------------------------------ first-hour friction
+def test_console_config_dump_lists_only_the_changes(tmp_path, data_root, tiny_vit_path, capsys, monkeypatch):
+    import locoop.engine.registry as R
+
+    def stop(*a, **k):
+        raise ValueError("stop after the dump")
+
+    monkeypatch.setattr(R, "build_trainer", stop)
+    rc = cli_main([str(a) for a in train(data_root, tiny_vit_path, tmp_path / "dump", "VERBOSE", "True")])
+    out = capsys.readouterr().out
+    assert rc == 2
+    dump = out.split("** Config **")[1]
+    assert "OPTIM.MAX_EPOCH: 1" in dump and "OPTIM.LR: 0.002" in dump  # the method YAML's and SMALL's values
+    assert "OPTIM.WEIGHT_DECAY" not in dump  # a default, not printed
+    assert len(dump.splitlines()) < 80
+
+
+def test_num_workers_capped_with_one_note(capsys, monkeypatch):
+    import locoop.data.data_manager as D
+
+    monkeypatch.setattr(D, "_WORKER_NOTE_SHOWN", False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert D.cap_num_workers(8) == 2 and D.cap_num_workers(8) == 2 and D.cap_num_workers(1) == 1
+    out = capsys.readouterr().out
+    assert out.count("NUM_WORKERS 8 capped to the 2 CPU cores") == 1

@@ -201,7 +201,30 @@ def _print_args(args: argparse.Namespace, cfg: Any) -> None:
     for key in sorted(vars(args)):
         print(f"{key}: {getattr(args, key)}")
     print("************\n** Config **\n************")
-    print(cfg)
+    changed = config_changes(cfg)
+    print(f"(the {len(changed)} keys that differ from the defaults; config.yaml in the output folder holds all)")
+    for key, value in changed:
+        print(f"{key}: {value!r}")
+
+
+def config_changes(cfg: Any) -> List[tuple]:
+    """``(dotted key, value)`` of the keys whose value differs from :func:`get_cfg_default`'s (the console
+    dump: ~200 lines of defaults hide what the run changed; ``config.yaml`` keeps every key)."""
+    from locoop.config import all_keys, get_cfg_default
+
+    default = get_cfg_default()
+
+    def get(node: Any, key: str) -> Any:
+        for part in key.split("."):
+            if part not in node:
+                return _MISSING
+            node = node[part]
+        return node
+
+    return [(k, get(cfg, k)) for k in all_keys(cfg) if get(default, k) != get(cfg, k)]
+
+
+_MISSING = object()
 
 
 def prepare_run(cfg: Any, args: Optional[argparse.Namespace] = None) -> None:
