@@ -9,8 +9,8 @@ Definitions (LoCoOp, NeurIPS 2023, and its reference code ``trainers/locoop.py``
   (we rank logits, in float32). Ties: a class tied with the label does not push the label out,
   i.e. the label is in the top-K iff fewer than K classes have a strictly larger logit. The
   reference leaves ties to ``torch.topk``'s unspecified order; with continuous logits ties do not
-  occur. ``top_k`` larger than the number of classes is clamped (the reference's ``topk`` would fail):
-  then no patch is ever selected.
+  occur. ``top_k`` larger than the number of classes is clamped here (the reference's ``topk`` would
+  fail): then no patch is ever selected. The commands refuse ``top_k >= C`` first (:func:`check_top_k`).
 * ``entropy(p) = -sum_c p_c * log(p_c + 1e-5)`` per patch (the ``1e-5`` is the reference code's).
 * ``L_ood = -mean(entropy)`` over the selected patches of the whole batch (one mean over all
   selected patches, not a per-image mean); ``L_ood = 0`` when no patch is selected.
