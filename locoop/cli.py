@@ -98,6 +98,9 @@ def parse_command_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # --debug is accepted anywhere (also among the trailing KEY VALUE overrides), for every command.
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     # Parse the command name first, then let the command module add its own arguments.
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
@@ -107,7 +110,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     module = importlib.import_module(COMMANDS[name][0])
     cmd_parser = argparse.ArgumentParser(prog=f"python -m locoop {name}", description=COMMANDS[name][1])
     module.add_arguments(cmd_parser)
-    args = parse_command_args(cmd_parser, argv[1:])
+    try:
+        args = parse_command_args(cmd_parser, argv[1:])
+    except SystemExit as e:  # argparse's usage error (already printed) or --help: its status, as a return value
+        return int(e.code or 0)
+    args.debug = debug
     rc = module.run(args)
     return int(rc or 0)
 

@@ -50,6 +50,10 @@ def _run(args: argparse.Namespace) -> int:
     num_classes = int(text_features.shape[0])
     if args.label >= num_classes:
         raise ValueError(f"--label {args.label} is outside [0, {num_classes}): the dataset has {num_classes} classes")
+    from locoop.trainers.loss import check_top_k
+
+    check_top_k("TRAINER.LOCOOP.TOPK", int(cfg.TRAINER.LOCOOP.TOPK), num_classes, str(cfg.DATASET.NAME),
+                f"--topk {max(1, num_classes - 1)}")
     classnames = getattr(trainer, "classnames", None) or getattr(getattr(trainer, "dm", None), "classnames", None)
     regions = visualize_ood_regions(
         trainer.clip_model, text_features, args.image_path, args.label, build_transform(cfg, is_train=False),

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -261,6 +261,39 @@ def get_dataset_class(name: str) -> type:
     from . import datasets  # noqa: F401
 
     return DATASET_REGISTRY.get(name)
+
+
+def check_every_class_has_images(dataset: DatasetBase, cfg: Any = None) -> None:
+    """Refuse a training split in which a class has no image (training would silently drop it).
+
+    Args:
+        dataset: the dataset, its ``train_x`` built; ``class_keys`` and ``train_dir`` name the folder
+            when the dataset has them.
+        cfg: the run config (for the few-shot count in the message); optional.
+
+    Raises:
+        FileNotFoundError: the classes without a training image, with their folders and the fix.
+    """
+    have = {int(d.label) for d in dataset.train_x}
+    missing = [i for i in range(int(dataset.num_classes)) if i not in have]
+    if not missing:
+        return
+    keys = list(getattr(dataset, "class_keys", None) or [])
+    train_dir = getattr(dataset, "train_dir", None)
+    names = list(dataset.classnames)
+
+    def where(i: int) -> str:
+        name = names[i] if i < len(names) else str(i)
+        if i < len(keys):
+            folder = os.path.join(train_dir, keys[i]) if train_dir else keys[i]
+            return f"{name!r} (label {i}, folder {folder})"
+        return f"{name!r} (label {i})"
+
+    shown = ", ".join(where(i) for i in missing[:5]) + (f", ... ({len(missing)} in all)" if len(missing) > 5 else "")
+    raise FileNotFoundError(
+        f"{len(missing)} of {dataset.num_classes} classes have no training images: {shown}; training would "
+        f"silently ignore them. Put images into the folder (or remove the class from the class names), "
+        f"then check with `python -m locoop check-data`")
 
 
 def build_dataset(cfg, need_train: Optional[bool] = None) -> DatasetBase:

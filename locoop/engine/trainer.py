@@ -489,6 +489,10 @@ class SimpleTrainer(TrainerBase):
 
         # need_train=None lets the dataset decide (its default); False skips the training split.
         dm = DataManager(self.cfg, need_train=None if self.need_train else False)
+        if self.need_train and dm.dataset.train_x:
+            from locoop.data.data_manager import check_every_class_has_images
+
+            check_every_class_has_images(dm.dataset, self.cfg)
         self.dm = dm
         self.train_loader_x = dm.train_loader_x
         self.val_loader = dm.val_loader
