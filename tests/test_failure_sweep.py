@@ -76,6 +76,12 @@ def test_topk_at_least_the_classes_refused_in_train(tmp_path, data_root, tiny_vi
         line = one_line_error(rc, err)
         assert f"TRAINER.LOCOOP.TOPK {k} must be below the {NUM_CLASSES} classes" in line
         assert f"--topk {NUM_CLASSES - 1}" in line
+    # CoOp (LAMBDA 0) has no OOD term: its top-K is unused, so the default 200 on 4 classes is fine.
+    monkeypatch.setattr(L, "load_clip", lambda *a, **k: (_ for _ in ()).throw(ValueError("reached CLIP")))
+    rc, err = cli(["train"] + args_for(data_root, tiny_vit_path)[:-2] + ["--seed", "1", "--trainer", "CoOp",
+                   "--output-dir", tmp_path / "coop", "MODEL.BACKBONE.NAME", tiny_vit_path] + SMALL
+                  + ["TRAINER.LOCOOP.TOPK", "200"], capsys)
+    assert rc == 2 and "reached CLIP" in err
 
 
 def test_topk_at_least_the_classes_refused_in_visualize(tmp_path, data_root, tiny_vit_path, capsys):
