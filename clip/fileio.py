@@ -146,9 +146,12 @@ def atomic_write(path: PathLike, write_fn: Callable[[IO], Any], mode: str = "wb"
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename is None and e.errno is not None:
+            # A full disk fails in write()/fsync() with no path: name the file being written.
+            raise type(e)(e.errno, e.strerror, str(path)) from e
         raise
     _fsync_dir(folder)
     return path

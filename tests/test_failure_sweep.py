@@ -76,6 +76,12 @@ def test_topk_at_least_the_classes_refused_in_train(tmp_path, data_root, tiny_vi
         line = one_line_error(rc, err)
         assert f"TRAINER.LOCOOP.TOPK {k} must be below the {NUM_CLASSES} classes" in line
         assert f"--topk {NUM_CLASSES - 1}" in line
+    # CoOp (LAMBDA 0) has no OOD term: its top-K is unused, so the default 200 on 4 classes is fine.
+    monkeypatch.setattr(L, "load_clip", lambda *a, **k: (_ for _ in ()).throw(ValueError("reached CLIP")))
+    rc, err = cli(["train"] + args_for(data_root, tiny_vit_path)[:-2] + ["--seed", "1", "--trainer", "CoOp",
+                   "--output-dir", tmp_path / "coop", "MODEL.BACKBONE.NAME", tiny_vit_path] + SMALL
+                  + ["TRAINER.LOCOOP.TOPK", "200"], capsys)
+    assert rc == 2 and "reached CLIP" in err
 
 
 def test_topk_at_least_the_classes_refused_in_visualize(tmp_path, data_root, tiny_vit_path, capsys):
@@ -246,3 +252,48 @@ def test_num_workers_capped_with_one_note(capsys, monkeypatch):
     assert D.cap_num_workers(8) == 2 and D.cap_num_workers(8) == 2 and D.cap_num_workers(1) == 1
     out = capsys.readouterr().out
     assert out.count("NUM_WORKERS 8 > the 2 CPU(s) available; using 2") == 1
+
+
+# ------------------------------------------------------------------------ real mounts, where permitted
+@pytest.fixture
+def mounted(tmp_path):
+    """``mount(options, read_only)``: a small tmpfs at a fresh folder (read-only by a bind remount);
+    the test is skipped where mounting is not permitted (not root, a container without CAP_SYS_ADMIN)."""
+    points = []
+
+    def mount(size="64k", read_only=False):
+        point = tmp_path / f"mnt{len(points)}"
+        point.mkdir()
+        p = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)], capture_output=True)
+        if p.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({p.stderr.decode().strip()}); the stand-in tests cover it")
+        points.append(point)
+        if read_only:
+            p = subprocess.run(["mount", "-o", "remount,ro,bind", str(point)], capture_output=True)
+            if p.returncode != 0:
+                pytest.skip(f"cannot remount read-only here ({p.stderr.decode().strip()})")
+        return point
+
+    yield mount
+    for point in reversed(points):
+        subprocess.run(["umount", "-l", str(point)], capture_output=True)
+
+
+def test_real_read_only_output(tmp_path, data_root, tiny_vit_path, capsys, mounted):
+    point = mounted(read_only=True)
+    rc, err = cli(train(data_root, tiny_vit_path, point / "run"), capsys)
+    line = one_line_error(rc, err)
+    assert "read-only file system" in line and str(point / "run") in line
+
+
+@pytest.mark.parametrize("command", ["train", "eval"])
+def test_real_full_disk(tmp_path, data_root, tiny_vit_path, capsys, mounted, command):
+    point = mounted(size="8k")
+    if command == "train":
+        argv = train(data_root, tiny_vit_path, point / "out")
+    else:
+        argv = ["eval"] + args_for(data_root, tiny_vit_path, "ZeroshotCLIP") + [
+            "--output-dir", point / "out", "MODEL.BACKBONE.NAME", tiny_vit_path] + SMALL + ["OOD.PLOT", "True"]
+    rc, err = cli(argv, capsys)
+    line = one_line_error(rc, err)
+    assert "no space left on the device" in line and str(point) in line and "MiB free there" in line

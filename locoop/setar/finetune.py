@@ -221,7 +221,7 @@ class AdapterTrainer(PromptTrainer):
         verbose = bool(cfg.VERBOSE)
         self.lam = float(ft.LAMBDA)
         self.top_k = int(ft.TOPK)
-        if self.need_train:  # before CLIP is loaded: the shipped 300 on a small class set selects nothing
+        if self.need_train and self.lam != 0:  # before CLIP is loaded: the shipped 300 on a small class set selects nothing
             from locoop.trainers.loss import check_top_k
 
             check_top_k("SETAR.FT.TOPK", self.top_k, int(self.dm.num_classes), str(cfg.DATASET.NAME))

@@ -131,7 +131,7 @@ class LoCoOp(PromptTrainer):
         classnames = list(self.dm.dataset.classnames)
         self.lam = self.lambda_value()
         self.top_k = int(c.TOPK)
-        if self.need_train:  # before CLIP is loaded: K >= C would silently train CoOp
+        if self.need_train and self.lam != 0:  # before CLIP is loaded: K >= C would silently train CoOp
             from locoop.trainers.loss import check_top_k
 
             check_top_k("TRAINER.LOCOOP.TOPK", self.top_k, len(classnames), str(cfg.DATASET.NAME),
