@@ -111,6 +111,28 @@ def test_class_without_training_images_refused(tmp_path, tiny_vit_path, capsys):
     assert "1 of 3 classes have no training images" in line and str(folders[1]) in line
 
 
+def test_a_fewshot_split_drawn_while_a_folder_was_empty_is_named(tmp_path, tiny_vit_path, capsys):
+    root = tmp_path / "data"
+    make_imagenet_like(str(root), num_classes=3, train_per_class=2, val_per_class=1, image_size=(40, 40), seed=0)
+    folder = sorted((root / "imagenet/images/train").iterdir())[1]
+    images = {f.name: f.read_bytes() for f in folder.iterdir()}
+    for f in folder.iterdir():
+        f.unlink()
+    split = root / "imagenet/split_fewshot/shot_2-seed_1.pkl"
+    rc, err = cli(train(root, tiny_vit_path, tmp_path / "o"), capsys)
+    line = one_line_error(rc, err)
+    assert str(folder) in line and f"delete the few-shot split {split}" in line
+    # the folder holds images now; the cached split still has none of them: the split is what to delete
+    for name, data in images.items():
+        (folder / name).write_bytes(data)
+    rc, err = cli(train(root, tiny_vit_path, tmp_path / "o"), capsys)
+    line = one_line_error(rc, err)
+    assert f"the few-shot split {split} has no image of 1 of 3 classes" in line and f"delete {split}" in line
+    split.unlink()
+    rc, err = cli(train(root, tiny_vit_path, tmp_path / "o"), capsys)
+    assert rc == 0, err
+
+
 # ------------------------------------------------------------------------ config and flags
 def test_config_and_flag_mistakes(tmp_path, data_root, tiny_vit_path, capsys):
     out = tmp_path / "c"
@@ -206,12 +228,62 @@ def test_ctrl_c_is_one_line_and_130(tmp_path, data_root, tiny_vit_path, capsys, 
     monkeypatch.setattr(T.SimpleTrainer, "train", interrupted, raising=False)
     rc, err = cli(train(data_root, tiny_vit_path, tmp_path / "k"), capsys)
     line = one_line_error(rc, err, code=130)
-    assert line.endswith("stopped: stopped at epoch 1; the same command resumes from epoch 1")
+    assert line == "python -m locoop train: stopped at epoch 1; the same command resumes from epoch 1"
+    monkeypatch.setattr(T.SimpleTrainer, "train", lambda self: (_ for _ in ()).throw(KeyboardInterrupt()),
+                        raising=False)
+    rc, err = cli(train(data_root, tiny_vit_path, tmp_path / "k2"), capsys)
+    assert one_line_error(rc, err, code=130) == "python -m locoop train: stopped"
 
 
 def test_debug_flag_anywhere_gives_the_traceback(tmp_path, data_root, tiny_vit_path, capsys):
     with pytest.raises(ValueError, match="OPTIM.MAX_EPOCH 0"):
         cli_main([str(a) for a in train(data_root, tiny_vit_path, tmp_path / "d", "OPTIM.MAX_EPOCH", "0", "--debug")])
+
+
+# ------------------------------------------------------------------------ real write failures
+# Stand-ins below the atomic writer (os.open / os.fsync), so the path in the message is the one the
+# failing write really had, not one a patched writer was handed.
+def _failing_open(prefix: Path, code: int, only: str = ""):
+    real = os.open
+
+    def fake(path, *args, **kwargs):
+        if str(path).startswith(str(prefix)) and only in os.path.basename(str(path)):
+            raise OSError(code, os.strerror(code), str(path))
+        return real(path, *args, **kwargs)
+
+    return fake
+
+
+def test_read_only_names_the_file_not_its_temporary(tmp_path, data_root, tiny_vit_path, capsys, monkeypatch):
+    from clip.fileio import TMP_SUFFIX
+
+    out = tmp_path / "ro"
+    monkeypatch.setattr(os, "open", _failing_open(out, errno.EROFS))
+    rc, err = cli(train(data_root, tiny_vit_path, out), capsys)
+    line = one_line_error(rc, err)
+    assert "read-only" in line and str(out) in line and TMP_SUFFIX not in line
+
+
+def test_full_disk_during_a_write_names_the_file(tmp_path, data_root, tiny_vit_path, capsys, monkeypatch):
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as a failed write(): no file name
+
+    monkeypatch.setattr(os, "fsync", full)  # every atomic write ends in fsync: the first one fails
+    out = tmp_path / "full"
+    rc, err = cli(train(data_root, tiny_vit_path, out), capsys)
+    line = one_line_error(rc, err)
+    assert f"no space left on the device writing {out}{os.sep}" in line and "MiB free" in line
+
+
+def test_full_disk_on_a_plot_of_eval_names_the_png(tmp_path, data_root, tiny_vit_path, capsys, monkeypatch):
+    out = tmp_path / "eval"
+    monkeypatch.setattr(os, "open", _failing_open(out, errno.ENOSPC, only=".png"))
+    rc, err = cli(["eval"] + args_for(data_root, tiny_vit_path, "ZeroshotCLIP") + [
+        "--output-dir", out, "MODEL.BACKBONE.NAME", tiny_vit_path, "OOD.SCORES", "['MCM']"] + SMALL
+        + ["OOD.PLOT", "True"], capsys)
+    line = one_line_error(rc, err)
+    assert "no space left" in line and ".png" in line and str(out) in line
+    assert not [p for p in out.rglob("*.png")]  # no half-written figure
 
 
 # ------------------------------------------------------------------------ through the interpreter

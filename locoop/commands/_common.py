@@ -299,8 +299,10 @@ def run_command(name: str, fn: Callable[[argparse.Namespace], Optional[int]], ar
         if debug_enabled(args):
             raise
         sys.stdout.flush()
-        detail = f": {e.args[0]}" if e.args and e.args[0] else ""
-        print(f"python -m locoop {name}: stopped{detail}", file=sys.stderr)
+        said = str(e.args[0]) if e.args and e.args[0] else ""
+        # the trainer says "stopped at epoch E; the same command resumes from epoch N": not "stopped: stopped ..."
+        detail = said if said.startswith("stopped") else "stopped" + (f": {said}" if said else "")
+        print(f"python -m locoop {name}: {detail}", file=sys.stderr)
         return 130
     except (ValueError, FileNotFoundError, KeyError, FloatingPointError, OSError, RuntimeError) as e:
         if debug_enabled(args) or (isinstance(e, RuntimeError) and not isinstance(e, _expected_runtime_errors())):

@@ -25,7 +25,7 @@ from ..engine import dist
 from ..engine.registry import DATASET_REGISTRY
 from ..engine.seed import seed_worker
 from .datum import DatasetBase, Datum
-from .image_io import CorruptImageWarning, DatasetWrapper, collate_skipping
+from .image_io import CorruptImageWarning, DatasetWrapper, collate_skipping, list_images
 from .transforms import build_transform
 
 # Dassl sampler names -> whether the loader shuffles.
@@ -290,9 +290,26 @@ def check_every_class_has_images(dataset: DatasetBase, cfg: Any = None) -> None:
         return f"{name!r} (label {i})"
 
     shown = ", ".join(where(i) for i in missing[:5]) + (f", ... ({len(missing)} in all)" if len(missing) > 5 else "")
+    split = getattr(dataset, "split_file", None)
+    if split:
+        # A few-shot split is drawn from the images found and then cached: one drawn while a folder was
+        # empty never holds that class, however many images the folder gets later.
+        def has_images(i: int) -> bool:
+            if not (train_dir and i < len(keys)) or not os.path.isdir(os.path.join(train_dir, keys[i])):
+                return False
+            return bool(list_images(os.path.join(train_dir, keys[i])))
+
+        if all(has_images(i) for i in missing):
+            raise FileNotFoundError(
+                f"the few-shot split {split} has no image of {len(missing)} of {dataset.num_classes} classes: "
+                f"{shown}, though their folders hold images now (it was drawn while they were empty); delete "
+                f"{split} so that the next run draws it again")
+        redraw = f"; then delete the few-shot split {split}, drawn without them, so that it is drawn again"
+    else:
+        redraw = ""
     raise FileNotFoundError(
         f"{len(missing)} of {dataset.num_classes} classes have no training images: {shown}; training would "
-        f"silently ignore them. Put images into the folder (or remove the class from the class names), "
+        f"silently ignore them. Put images into the folder (or remove the class from the class names){redraw}, "
         f"then check with `python -m locoop check-data`")
 
 
