@@ -138,7 +138,11 @@ def atomic_write(path: PathLike, write_fn: Callable[[IO], Any], mode: str = "wb"
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / temp_name(path.name, suffix)
     # O_EXCL: the name is fresh; 0o666 & ~umask: the permissions a plain open() gives.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    except OSError as e:
+        e.filename = str(path)  # name the file asked for (in its folder), not the temporary sibling
+        raise
     try:
         kwargs = {"encoding": encoding or "utf-8", "newline": ""} if mode == "w" else {}
         with os.fdopen(fd, mode, **kwargs) as f:
@@ -146,9 +150,12 @@ def atomic_write(path: PathLike, write_fn: Callable[[IO], Any], mode: str = "wb"
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename in (None, str(tmp)):
+            # A full disk fails in write() / fsync() with no path (or the temporary name): name the file asked for.
+            e.filename = str(path)
         raise
     _fsync_dir(folder)
     return path

@@ -151,7 +151,16 @@ def download(
                                 "the download is corrupt or the file changed. Nothing was kept; try again")
 
     # A raise inside fetch (checksum, network, Ctrl-C) deletes the partial file; only a verified one is renamed.
-    atomic_write(target, fetch, suffix=".part")
+    try:
+        atomic_write(target, fetch, suffix=".part")
+    except DownloadError as e:
+        if not getattr(e, "no_connection", False):
+            raise
+        # No network: say exactly where the file must go, so it can be copied in by hand.
+        sha = f" (SHA256 {expected})" if expected else ""
+        raise DownloadError(f"{e.args[0]}; without internet access, download {url} elsewhere and copy it to "
+                            f"{target}{sha} (the cache folder is $CLIP_CACHE_DIR, default {default_cache_dir()}), "
+                            f"or pass the file's path instead of the model name") from e
     return target
 
 
@@ -164,9 +173,9 @@ def _stream(url: str, out, desc: str, progress: bool, timeout: float) -> tuple[i
         raise DownloadError(f"could not download {url}: HTTP {e.code} {e.reason}") from e
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
-        raise DownloadError(f"could not download {url}: {reason}. Without internet access, copy the file into "
-                            f"the cache directory ({default_cache_dir()}, or $CLIP_CACHE_DIR) or pass a local "
-                            f"path to it instead of the model name") from e
+        err = DownloadError(f"could not download {url}: {reason}")
+        err.no_connection = True  # download() adds where to put the file by hand
+        raise err from e
     digest = hashlib.sha256()
     received = 0
     with response:

@@ -288,3 +288,39 @@ def test_setar_finetune_trainers_resolve_by_name():
     assert check_trainer("LoRA").__name__ == "LoRA"
     with pytest.raises(ValueError, match="LoCoOp"):
         check_trainer("LoCoOpp")
+
+
+def test_flags_are_read_anywhere_and_list_flags_stop_at_overrides():
+    import argparse
+    import importlib
+
+    from locoop.cli import parse_command_args
+
+    def parser(cmd):
+        p = argparse.ArgumentParser(prog=cmd)
+        importlib.import_module(f"locoop.commands.{cmd}").add_arguments(p)
+        return p
+
+    a = parse_command_args(parser("train"), ["--root", "R", "OPTIM.LR", "0.1", "--seed", "-1", "--skip-finished",
+                                             "SEED", "3", "--", "OPTIM.MAX_EPOCH", "2"])
+    assert (a.root, a.seed, a.skip_finished) == ("R", -1, True)
+    assert a.opts == ["OPTIM.LR", "0.1", "SEED", "3", "OPTIM.MAX_EPOCH", "2"]
+    a = parse_command_args(parser("extract"), ["--datasets", "ID", "SUN", "OOD.T", "2", "--force", "SEED", "-1"])
+    assert a.datasets == ["ID", "SUN"] and a.force and a.opts == ["OOD.T", "2", "SEED", "-1"]
+    a = parse_command_args(parser("eval"), ["--root=R", "OOD.T", "2", "-b", "4"])
+    assert a.root == "R" and a.batch_size == 4 and a.opts == ["OOD.T", "2"]
+
+
+def test_unknown_flag_among_overrides_is_refused_with_the_flags(capsys):
+    import argparse
+    import importlib
+
+    from locoop.cli import parse_command_args
+
+    p = argparse.ArgumentParser(prog="train")
+    importlib.import_module("locoop.commands.train").add_arguments(p)
+    with pytest.raises(SystemExit) as e:
+        parse_command_args(p, ["OPTIM.LR", "1", "--lambda", "0.5"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown flag --lambda" in err and "--lambda_value" in err

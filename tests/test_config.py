@@ -231,3 +231,18 @@ def test_dassl_style_method_calls_use_checked_merge(tmp_path):
     d.defrost()
     merge_from_list(d, ["SEED", "1"])
     assert d.SEED == 1 and c.SEED == -1
+
+
+def test_console_config_dump_lists_only_the_changed_keys(capsys):
+    import argparse
+
+    from locoop.commands._common import _print_args
+    from locoop.config import cfg_changes, get_cfg_default, merge_from_list
+
+    cfg = merge_from_list(get_cfg_default(), ["OPTIM.LR", "0.5", "TRAINER.LOCOOP.TOPK", "7", "SEED", "1"])
+    assert sorted(cfg_changes(cfg)) == [("OPTIM.LR", 0.5), ("SEED", 1), ("TRAINER.LOCOOP.TOPK", 7)]
+    assert cfg_changes(get_cfg_default()) == []
+    _print_args(argparse.Namespace(seed=1), cfg)
+    out = capsys.readouterr().out
+    assert "the 3 key(s) that differ from the defaults" in out
+    assert "OPTIM.LR: 0.5" in out and "TRAINER.LOCOOP.TOPK: 7" in out and "OPTIM.MAX_EPOCH" not in out

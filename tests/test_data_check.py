@@ -117,3 +117,21 @@ def test_cli_subprocess_exit_code(good_root):
                          capture_output=True, text=True, env=env)
     assert bad.returncode == 1, bad.stdout + bad.stderr
     assert "images/val not found" in bad.stdout
+
+
+def test_check_data_lists_every_shipped_method_config(tmp_path):
+    import glob
+    import os
+
+    from locoop.data.check import check_data, shipped_configs
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    listed = {f for d in ("imagenet", "voc", "openood") for _, files in shipped_configs(d) for f in files}
+    shipped = {os.path.relpath(f, repo) for f in glob.glob(os.path.join(repo, "configs", "**", "*.yaml"), recursive=True)
+               if os.sep + "datasets" + os.sep not in f}
+    assert shipped and shipped == listed
+    assert "configs/setar/imagenet/swin_base/SeTAR.yaml" in listed
+    assert "configs/setar/finetune/imagenet/clip_large/SeTAR+FT.yaml" in listed
+    (tmp_path / "imagenet").mkdir()
+    text = check_data(str(tmp_path), dataset="imagenet", need_train=False).render()
+    assert "Shipped configs for this layout" in text and "SeTAR search, Swin-V2-B: configs/setar/imagenet/swin_base/" in text

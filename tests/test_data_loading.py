@@ -318,3 +318,16 @@ def test_loader_leaves_global_generator_alone(tmp_path):
     torch.manual_seed(0)
     list(loader)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_num_workers_capped_to_available_cpus_with_one_note(tmp_path, monkeypatch, capsys):
+    from locoop.data import data_manager as dm
+
+    items = _aug_items(tmp_path)
+    monkeypatch.setattr(dm, "available_cpus", lambda: 1)
+    monkeypatch.setattr(dm, "_WORKER_NOTE_SHOWN", False)
+    loaders = [build_data_loader(items, 2, T.ToTensor(), is_train=False, num_workers=8, seed=0) for _ in range(3)]
+    assert [ld.num_workers for ld in loaders] == [1, 1, 1]
+    out = capsys.readouterr().out
+    assert out.count("DATALOADER.NUM_WORKERS 8 > the 1 CPU(s) available; using 1") == 1
+    assert build_data_loader(items, 2, T.ToTensor(), is_train=False, num_workers=0, seed=0).num_workers == 0

@@ -25,7 +25,8 @@ from locoop.trainers.prompt_learner import PromptLearner
 REPO = Path(__file__).resolve().parents[1]
 DS_CFG = str(REPO / "configs/datasets/imagenet.yaml")
 METHOD_CFG = str(REPO / "configs/trainers/LoCoOp/vit_b16_ep50.yaml")
-SMALL = ["INPUT.SIZE", "(32,32)", "DATALOADER.NUM_WORKERS", "0", "TRAINER.LOCOOP.PREC", "fp32",
+SMALL = ["INPUT.SIZE", "(32,32)", "TRAINER.LOCOOP.TOPK", "2",  # 3 classes: K < C (TOPK >= C is refused)
+          "DATALOADER.NUM_WORKERS", "0", "TRAINER.LOCOOP.PREC", "fp32",
          "TRAINER.LOCOOP.N_CTX", "4", "OOD.PLOT", "False", "OOD.SCORES", "['MCM','GL-MCM']"]
 
 

@@ -103,9 +103,8 @@ def test_resume_with_a_changed_lambda_is_refused_and_config_yaml_untouched(tmp_p
     out = tmp_path / "run"
     with monkeypatch.context() as m:
         interrupt_in_process(m, at_epoch=2)
-        with pytest.raises(KeyboardInterrupt) as e:
-            cli(train_args(data_root, tiny_vit_path, out), capsys)
-    assert e.value.args[0] == "stopped at epoch 2; the same command resumes from epoch 2"
+        rc, _, err = cli(train_args(data_root, tiny_vit_path, out), capsys)
+    assert rc == 130 and err.strip() == "python -m locoop train: stopped at epoch 2; the same command resumes from epoch 2"
     assert not held_locks()  # the lock ended with the command
     last = out / "prompt_learner" / "model-last.pth.tar"
     assert torch.load(last, weights_only=True)["epoch"] == 1  # recorded config is plain text: weights_only loads
@@ -231,8 +230,8 @@ def test_ctrl_c_says_where_the_same_command_resumes(tmp_path, data_root, tiny_vi
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode != 0
-    assert "stopped at epoch 3; the same command resumes from epoch 3" in err, err[-3000:]
+    assert proc.returncode == 130, err[-3000:]
+    assert err.strip().splitlines()[-1] == "python -m locoop train: stopped at epoch 3; the same command resumes from epoch 3"
     # The lock went with the process: a new run in the folder may start.
     assert acquire_run_lock(str(out)) is not None
     release_run_lock(str(out))

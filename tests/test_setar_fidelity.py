@@ -184,7 +184,7 @@ def test_vanilla_and_swin_json_configs(tmp_path):
         "model_name": "microsoft/swinv2-base-patch4-window16-256", "model_type": "SwinTransformerV2",
         "searcher": "visual_only_swin", "temperature": 1, "split": "val"})))
     assert swin.MODEL.BACKBONE.NAME == "microsoft/swinv2-base-patch4-window16-256"
-    assert swin.SETAR.SEARCHER == "visual_only" and swin.OOD.T == 1.0  # on the classifier's logits
+    assert swin.SETAR.SEARCHER == "visual_only_swin" and swin.OOD.T == 1.0  # on the classifier's logits
     assert list(swin.OOD.SCORES) == ["MCM", "energy"]  # SeTAR's swin_base config_best.json scorers
     best = merge_from_file(get_cfg_default(), str(_write(tmp_path / "config_best.json", _setar_args())))
     assert best.SETAR.SETTINGS_FILE == str(tmp_path / "config_best.json")  # evaluates SeTAR's published settings

@@ -487,3 +487,21 @@ def test_ft_trainer_encodes_setar_ft_prompt_template(data_root, tiny_vit_path, t
     trainer = _build(cfg)
     names = list(trainer.dm.dataset.classnames)
     assert torch.equal(trainer.tokens.cpu(), clip.tokenize([used.replace("{}", c) for c in names]))
+
+
+def test_finetune_topk_at_least_the_classes_refused(data_root, tiny_vit_path, tmp_path, capsys):
+    # The shipped SETAR.FT.TOPK 300 on a small class set would select no patch (SeTAR+FT = plain CE):
+    # refused before CLIP is loaded, naming the key, the value and the class count.
+    from locoop.cli import main
+
+    out = tmp_path / "k"
+    argv = ["setar-finetune", "--root", str(data_root), "--config-file",
+            os.path.join(REPO, "configs/setar/finetune/imagenet/SeTAR+FT.yaml"), "--output-dir", str(out),
+            "--settings", str(data_root / "settings.json"),
+            "MODEL.BACKBONE.NAME", tiny_vit_path, "MODEL.DEVICE", "cpu", "DATASET.VAL_SPLIT_FILE",
+            str(data_root / "val.json"), "INPUT.SIZE", "(32, 32)", "DATALOADER.NUM_WORKERS", "0",
+            "OOD.DATASETS", str(OOD_SETS), "VERBOSE", "False"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "SETAR.FT.TOPK 300 must be below the" in err and "Traceback" not in err
+    assert not (out / "adapters").exists()

@@ -321,3 +321,46 @@ def test_searcher_must_fit_the_backbone():
     cfg.SETAR.SEARCHER = "visual_only_swin"
     with pytest.raises(ValueError, match="is a CLIP model"):
         check_setar(cfg, True)
+
+
+def test_setar_json_swin_config_runs_the_swin_search(tmp_path, data_root, snapshot, val_split, capsys, one_thread):
+    # SeTAR's swin_base SeTAR.json keys (hand-written, same keys), its searcher name visual_only_swin included
+    cfg = {"id_dataset": "ID_ImageNet1K", "model_name": str(snapshot), "model_type": "SwinTransformerV2",
+           "searcher": "visual_only_swin", "weight_type": "W_up", "lora_svd_init_type": "small",
+           "candi_ratios": [0.0, 0.25], "locoop_lambda": 0.01, "locoop_top_k": 2, "temperature": 1,
+           "batch_size": 4, "seed": 5, "split": "val", "scorers": ["mcm_score", "energy_score"]}
+    path = tmp_path / "SeTAR.json"
+    path.write_text(json.dumps(cfg))
+    out = tmp_path / "json_search"
+    rc, _, err = cli(["setar-search", "--root", data_root, "--dataset-config-file", DS_CFG, "--config-file", path,
+                      "--output-dir", out, "DATASET.VAL_SPLIT_FILE", val_split, "INPUT.SIZE", "(32,32)",
+                      "DATALOADER.NUM_WORKERS", "0", "MODEL.DEVICE", "cpu", "OOD.PLOT", "False"], capsys)
+    assert rc == 0, err[-3000:]
+    results = json.loads((out / "ood_results.json").read_text())
+    assert results["meta"]["trainer"] == "SeTARSwin" and set(results["scores"]) == {"MCM", "energy"}
+    settings = json.loads((out / "best_settings.json").read_text())["settings"]
+    assert [s[2] for s in settings] == [[1, 1], [1, 0], [0, 1], [0, 0]]
+
+
+def test_visualize_refuses_a_swin_backbone_in_one_line(tmp_path, data_root, snapshot, capsys):
+    image = next(p for p in (Path(data_root) / "imagenet" / "images" / "val").rglob("*") if p.is_file())
+    rc, _, err = cli(["visualize", "--root", data_root, "--trainer", "ZeroshotCLIP", "--dataset-config-file", DS_CFG,
+                      "--image_path", image, "--label", "0", "--output-dir", tmp_path,
+                      "MODEL.BACKBONE.NAME", snapshot], capsys)
+    assert rc == 2 and "is a Swin-V2 classifier" in err and "Traceback" not in err
+
+
+def test_extract_refuses_a_swin_backbone_in_one_line(tmp_path, data_root, snapshot, capsys):
+    rc, _, err = cli(["extract", "--root", data_root, "--dataset-config-file", DS_CFG, "--datasets", "ID",
+                      "--cache-dir", tmp_path / "cache", "MODEL.BACKBONE.NAME", snapshot], capsys)
+    assert rc == 2 and "is a Swin-V2 classifier" in err and "Traceback" not in err
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.pt"))
+
+
+def test_classifier_local_logits_are_cached_in_float32(snapshot):
+    from locoop.config import get_cfg_default
+    from locoop.ood.runner import cache_local_dtype
+
+    cfg = get_cfg_default()
+    assert cfg.OOD.CACHE_LOCAL_DTYPE == "float16" and cache_local_dtype(cfg) == torch.float16
+    assert cache_local_dtype(cfg, load_swinv2(snapshot)) == torch.float32  # unbounded logits: exact

@@ -8,6 +8,11 @@ transformer-block forward passes per sample of each mode (images through visual 
 through text blocks), whether the chosen settings are identical, and the largest difference
 between the two modes' criterion values over all candidates.
 
+``--preset swin``: the vision-only Swin-V2-B classifier (random weights, 1000 classes, searcher
+``visual_only_swin`` over all 24 blocks, SeTAR's Swin lambda 0.01 and top-K 700 of 1000); on a CPU
+the resolution (128 px), images (4) and ratios (0 .. 0.4 in steps of 0.1) are reduced and the
+reduction printed; on CUDA or with ``--full`` SeTAR's sizes (256 px, nine ratios, ``--images``).
+
 The default size fits a 2-core CPU in a few minutes: the depth and token count of ViT-B/32
 (12 blocks per tower, 224 px in 32 px patches = 50 tokens) with width 128, 100 classes and 50
 validation images (SeTAR's ImageNet split has one image per class). ``--preset vit-b32`` /
@@ -44,7 +49,14 @@ PRESETS = {
     "small": (12, 128, 128, 128, 224, 32),
     "vit-b32": (12, 768, 512, 512, 224, 32),
     "vit-b16": (12, 768, 512, 512, 224, 16),
+    "swin": None,  # Swin-V2-B (SWIN_B): a vision-only classifier, see run_swin
 }
+
+# Swin-V2-B (microsoft/swinv2-base-patch4-window16-256): depths, heads, width, window, patch, 256 px, 1000 classes.
+SWIN_B = dict(embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32], window_size=16, patch_size=4,
+              mlp_ratio=4.0, image_size=256)
+# What --preset swin reduces on a CPU (all overridable): resolution, images, ratios.
+SWIN_CPU = dict(resolution=128, images=4, batch_size=4, ratios=[0.0, 0.1, 0.2, 0.3, 0.4])
 
 
 def _class_names(n: int) -> list:
@@ -77,45 +89,39 @@ def _decode(files: list, res: int) -> torch.Tensor:
     return torch.stack([preprocess(Image.open(f)) for f in files])
 
 
-def run(args) -> dict:
-    layers, vw, tw, ed, res, patch = PRESETS[args.preset]
-    layers = args.layers or layers
-    vw = args.width or vw
-    tw = args.text_width or tw
-    cfg = CLIPConfig("bench-setar", embed_dim=args.embed_dim or ed, image_resolution=res, vision_layers=layers,
-                     vision_width=vw, vision_patch_size=patch, transformer_width=tw, transformer_layers=layers)
-    device = torch.device(args.device)
-    sd = random_state_dict(cfg, seed=args.seed)
-    g = torch.Generator().manual_seed(args.seed)
-    n, c, b = args.images, args.classes, args.batch_size
-    labels = torch.arange(n) % c
-    tokens = tokenize([f"a photo of a {name}." for name in _class_names(c)])
-    reload = None
-    if args.image_files:
-        files = _write_jpegs(Path(tempfile.mkdtemp(prefix="bench_setar_")), n, g)
-
-        def decode():
-            images = _decode(files, res)
-            return [(images[i:i + b], labels[i:i + b]) for i in range(0, n, b)], []
-
-        batches, reload = decode()[0], decode
-    else:
+def _validation_batches(image_files: bool, n: int, b: int, labels: torch.Tensor, res: int, g: torch.Generator,
+                        decode_files) -> tuple:
+    """``(batches, reload)``: JPEG files decoded by ``decode_files(files, res)`` (``reload`` decodes them
+    again, for the naive mode), or random tensors (``reload`` None)."""
+    if not image_files:
         images = torch.randn(n, 3, res, res, generator=g)
-        batches = [(images[i:i + b], labels[i:i + b]) for i in range(0, n, b)]
-    data = SearchData(batches, ClassPrompts(tokens=tokens, chunk_size=args.text_chunk), reload=reload)
-    top_k = args.topk if args.topk else max(1, round(0.3 * c))  # SeTAR: 300 of 1000 classes
-    kw = dict(searcher=args.searcher, weight_types=args.weight_types, ratios=args.ratios, lam=args.lam, top_k=top_k,
-              freeze_proj=not args.search_proj, verbose=args.verbose, device=device)
+        return [(images[i:i + b], labels[i:i + b]) for i in range(0, n, b)], None
+    files = _write_jpegs(Path(tempfile.mkdtemp(prefix="bench_setar_")), n, g)
 
-    # Modes alternate and the fastest of --repeats runs counts: on a shared machine the minimum
-    # is the least disturbed measurement of each. CPU time (all threads of this process) is
-    # recorded too: it hardly changes when other processes compete for the cores.
+    def decode():
+        images = decode_files(files, res)
+        return [(images[i:i + b], labels[i:i + b]) for i in range(0, n, b)], []
+
+    return decode()[0], decode
+
+
+def _decode_swin(files: list, res: int) -> torch.Tensor:
+    from PIL import Image
+
+    from locoop.models.swinv2 import build_swin_preprocess
+
+    preprocess = build_swin_preprocess(res)
+    return torch.stack([preprocess(Image.open(f)) for f in files])
+
+
+def _timed_modes(args, make_model, data, kw, device) -> tuple:
+    """Alternate the modes ``--repeats`` times on fresh models; ``(wall times, CPU times, results)``."""
     times = {"fast": [], "naive": []}
     cpu = {"fast": [], "naive": []}
     results = {}
     for rep in range(args.repeats):
         for mode in ("fast", "naive"):
-            model = build_model(sd).to(device).eval()
+            model = make_model()
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0, c0 = time.perf_counter(), time.process_time()
@@ -128,7 +134,10 @@ def run(args) -> dict:
             print(f"[{rep + 1}/{args.repeats}] {mode}: {times[mode][-1]:.1f} s wall, {cpu[mode][-1]:.1f} s CPU, "
                   f"ratios chosen {[s[3] for s in res_.settings]}", flush=True)
             del model
+    return times, cpu, results
 
+
+def _result(args, name: str, times, cpu, results) -> dict:
     tf, tn = min(times["fast"]), min(times["naive"])
     fast, naive = results["fast"], results["naive"]
     diffs = [abs(a["criterion"] - b["criterion"]) for a, b in zip(fast.log, naive.log)]
@@ -138,30 +147,101 @@ def run(args) -> dict:
     fc, nc = fast.counters, naive.counters
     fast_passes = fc["visual_layer_passes"] + fc["text_layer_passes"]
     naive_passes = nc["visual_layer_passes"] + nc["text_layer_passes"]
-    result = {
-        "name": f"SeTAR search ({args.searcher}, {'+'.join(args.weight_types)}, {len(fast.settings)} steps x "
-                f"{len(set(args.ratios) | {0.0})} ratios)",
-        "ratio": tn / tf,
-        "target": 5.0,
-        "max_abs_diff": max(diffs) if same_log else None,
-        "max_abs_diff_target": 1e-4,
-        "settings_identical": fast.settings == naive.settings,
-        "fast_s": tf,
-        "naive_s": tn,
-        "fast_s_all": times["fast"],
-        "naive_s_all": times["naive"],
-        "cpu_ratio": min(cpu["naive"]) / min(cpu["fast"]),
-        "fast_cpu_s": min(cpu["fast"]),
-        "naive_cpu_s": min(cpu["naive"]),
-        "fast_layer_passes": fast_passes,
-        "naive_layer_passes": naive_passes,
-        "layer_pass_ratio": naive_passes / fast_passes,
-        "fast_counters": fc,
-        "naive_counters": nc,
-        "baseline_criterion": fast.baseline,
-        "final_criterion": fast.final,
-        "chosen_settings": fast.settings,
+    return {
+        "name": name, "ratio": tn / tf, "target": 5.0 if args.preset != "swin" else 3.0,
+        "max_abs_diff": max(diffs) if same_log else None, "max_abs_diff_target": 1e-4,
+        "settings_identical": fast.settings == naive.settings, "fast_s": tf, "naive_s": tn,
+        "fast_s_all": times["fast"], "naive_s_all": times["naive"],
+        "cpu_ratio": min(cpu["naive"]) / min(cpu["fast"]), "fast_cpu_s": min(cpu["fast"]),
+        "naive_cpu_s": min(cpu["naive"]), "fast_layer_passes": fast_passes, "naive_layer_passes": naive_passes,
+        "layer_pass_ratio": naive_passes / fast_passes, "fast_counters": fc, "naive_counters": nc,
+        "baseline_criterion": fast.baseline, "final_criterion": fast.final,
+        "chosen_settings": [[t, w, list(l) if isinstance(l, tuple) else l, r] for t, w, l, r in fast.settings],
     }
+
+
+def run_swin(args) -> dict:
+    """The search on a random-weight Swin-V2-B classifier (``visual_only_swin``, every stage's blocks).
+
+    On a CPU the resolution, the number of images and of ratios are reduced (:data:`SWIN_CPU`,
+    printed); depths, heads, widths, window and the 1000 classes stay Swin-V2-B's. ``--full``
+    keeps SeTAR's sizes (256 px, the nine ratios, ``--images``): for a GPU.
+    """
+    from locoop.models.swinv2 import SwinV2Classifier, make_tiny_swinv2
+
+    device = torch.device(args.device)
+    reduced = {}
+    res = args.resolution or (SWIN_B["image_size"] if args.full or device.type == "cuda" else SWIN_CPU["resolution"])
+    n, b, ratios = args.images, args.batch_size, list(args.ratios)
+    if not (args.full or device.type == "cuda"):
+        for key, default in (("images", SWIN_CPU["images"]), ("batch_size", SWIN_CPU["batch_size"]),
+                             ("ratios", SWIN_CPU["ratios"])):
+            if getattr(args, key) == args.parser_defaults[key]:
+                reduced[key] = default
+        n, b = reduced.get("images", n), reduced.get("batch_size", b)
+        ratios = reduced.get("ratios", ratios)
+        if res != SWIN_B["image_size"]:
+            reduced["resolution"] = res
+    if reduced:
+        print(f"CPU sizes (reduced from Swin-V2-B / SeTAR: 256 px, the nine ratios, 50 images): {reduced}; "
+              "depths / heads / widths / window / 1000 classes unchanged; --full for SeTAR's sizes")
+    c = args.classes if args.classes != args.parser_defaults["classes"] else 1000
+    fields = dict(SWIN_B, image_size=res)
+    hf = make_tiny_swinv2(num_labels=c, seed=args.seed, **fields)
+    state = {k: v.clone() for k, v in hf.state_dict().items()}
+
+    def make_model():
+        model = SwinV2Classifier(make_tiny_swinv2(num_labels=c, seed=args.seed, **fields))
+        model.to_hf().load_state_dict(state)
+        return model.to(device).eval()
+
+    g = torch.Generator().manual_seed(args.seed)
+    labels = torch.arange(n) % c
+    batches, reload = _validation_batches(args.image_files, n, b, labels, res, g, _decode_swin)
+    data = SearchData(batches, None, reload=reload)
+    top_k = args.topk if args.topk else max(1, round(0.7 * c))  # SeTAR's Swin: 700 of 1000 classes
+    lam = args.lam if args.lam != args.parser_defaults["lam"] else 0.01  # SeTAR's Swin lambda
+    kw = dict(searcher="visual_only_swin", weight_types=args.weight_types, ratios=ratios, lam=lam, top_k=top_k,
+              verbose=args.verbose, device=device)
+    times, cpu, results = _timed_modes(args, make_model, data, kw, device)
+    name = (f"SeTAR search on Swin-V2-B (visual_only_swin, {'+'.join(args.weight_types)}, "
+            f"{len(results['fast'].settings)} steps x {len(set(ratios) | {0.0})} ratios)")
+    result = _result(args, name, times, cpu, results)
+    settings = {"preset": "swin", **{k: v for k, v in fields.items()}, "classes": c, "images": n,
+                "image_files": bool(args.image_files), "batch_size": b, "ratios": ratios, "top_k": top_k,
+                "lambda": lam, "reduced_for_cpu": reduced, "repeats": args.repeats, "device": str(device),
+                "threads": torch.get_num_threads(), "torch": torch.__version__}
+    return {"results": [result], "settings": settings}
+
+
+def run(args) -> dict:
+    if args.preset == "swin":
+        return run_swin(args)
+    layers, vw, tw, ed, res, patch = PRESETS[args.preset]
+    layers = args.layers or layers
+    vw = args.width or vw
+    tw = args.text_width or tw
+    cfg = CLIPConfig("bench-setar", embed_dim=args.embed_dim or ed, image_resolution=res, vision_layers=layers,
+                     vision_width=vw, vision_patch_size=patch, transformer_width=tw, transformer_layers=layers)
+    device = torch.device(args.device)
+    sd = random_state_dict(cfg, seed=args.seed)
+    g = torch.Generator().manual_seed(args.seed)
+    n, c, b = args.images, args.classes, args.batch_size
+    labels = torch.arange(n) % c
+    tokens = tokenize([f"a photo of a {name}." for name in _class_names(c)])
+    batches, reload = _validation_batches(args.image_files, n, b, labels, res, g, _decode)
+    data = SearchData(batches, ClassPrompts(tokens=tokens, chunk_size=args.text_chunk), reload=reload)
+    top_k = args.topk if args.topk else max(1, round(0.3 * c))  # SeTAR: 300 of 1000 classes
+    kw = dict(searcher=args.searcher, weight_types=args.weight_types, ratios=args.ratios, lam=args.lam, top_k=top_k,
+              freeze_proj=not args.search_proj, verbose=args.verbose, device=device)
+
+    # Modes alternate and the fastest of --repeats runs counts: on a shared machine the minimum
+    # is the least disturbed measurement of each. CPU time (all threads of this process) is
+    # recorded too: it hardly changes when other processes compete for the cores.
+    times, cpu, results = _timed_modes(args, lambda: build_model(sd).to(device).eval(), data, kw, device)
+    result = _result(args, f"SeTAR search ({args.searcher}, {'+'.join(args.weight_types)}, "
+                           f"{len(results['fast'].settings)} steps x {len(set(args.ratios) | {0.0})} ratios)",
+                     times, cpu, results)
     settings = {"preset": args.preset, "layers": layers, "vision_width": vw, "text_width": tw,
                 "embed_dim": cfg.embed_dim, "resolution": res, "patch": patch, "tokens": (res // patch) ** 2 + 1,
                 "classes": c, "images": n, "image_files": bool(args.image_files), "batch_size": b, "ratios": list(args.ratios), "top_k": top_k,
@@ -208,8 +288,11 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=1, help="runs of each mode, alternating; the fastest counts")
     p.add_argument("--verbose", action="store_true", help="progress bars")
+    p.add_argument("--resolution", type=int, default=None, help="--preset swin: input side (CPU default 128)")
+    p.add_argument("--full", action="store_true", help="--preset swin: SeTAR's sizes on any device (256 px, ...)")
     p.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
+    args.parser_defaults = {k: p.get_default(k) for k in ("images", "batch_size", "ratios", "classes", "lam")}
     if args.threads:
         torch.set_num_threads(args.threads)
     report = run(args)

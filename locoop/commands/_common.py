@@ -229,8 +229,14 @@ def _print_args(args: argparse.Namespace, cfg: Any) -> None:
     print("***************\n** Arguments **\n***************")
     for key in sorted(vars(args)):
         print(f"{key}: {getattr(args, key)}")
-    print("************\n** Config **\n************")
-    print(cfg)
+    from locoop.config import cfg_changes
+
+    # Only the keys that differ from the defaults: the full config (~200 lines) buried the run's
+    # output; config.yaml / ood_results.json record every key.
+    changes = cfg_changes(cfg)
+    print(f"************\n** Config ** (the {len(changes)} key(s) that differ from the defaults)\n************")
+    for key, value in changes:
+        print(f"{key}: {value!r}")
 
 
 def prepare_run(cfg: Any, args: Optional[argparse.Namespace] = None, lock: bool = False,
@@ -338,12 +344,84 @@ def run_command(name: str, fn: Callable[[argparse.Namespace], Optional[int]], ar
 
     try:
         return int(fn(args) or 0)
-    except (ValueError, FileNotFoundError, KeyError, FloatingPointError) as e:
-        if os.environ.get("LOCOOP_DEBUG", "") not in ("", "0"):
+    except KeyboardInterrupt as e:
+        if debug_enabled(args):
             raise
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         sys.stdout.flush()
-        print(f"python -m locoop {name}: error: {msg}\n(set LOCOOP_DEBUG=1 for the traceback)", file=sys.stderr)
+        said = str(e.args[0]) if e.args and e.args[0] else ""
+        # the trainer says "stopped at epoch E; the same command resumes from epoch N": not "stopped: stopped ..."
+        detail = said if said.startswith("stopped") else "stopped" + (f": {said}" if said else "")
+        print(f"python -m locoop {name}: {detail}", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, KeyError, FloatingPointError, OSError, RuntimeError) as e:
+        if debug_enabled(args) or (isinstance(e, RuntimeError) and not isinstance(e, _expected_runtime_errors())):
+            raise
+        if isinstance(e, RuntimeError):
+            msg = _last_line(str(e))
+        elif isinstance(e, KeyError) and e.args:
+            msg = str(e.args[0])
+        elif isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
+            msg = describe_os_error(e)
+        else:
+            msg = str(e)
+        sys.stdout.flush()
+        print(f"python -m locoop {name}: error: {msg} (--debug for the traceback)", file=sys.stderr)
         return 2
     finally:
         release_all()  # the run folder's lock (prepare_run) lasts as long as the command, however it ends
+
+
+def _expected_runtime_errors() -> tuple:
+    """RuntimeErrors that are user-facing failures: a download without network, a bad image in strict mode."""
+    from clip.pretrained import DownloadError
+    from locoop.data.image_io import UnreadableImageError
+
+    return (DownloadError, UnreadableImageError)
+
+
+def _last_line(msg: str) -> str:
+    """The error's own message: a DataLoader worker re-raises it with the worker's traceback in front."""
+    lines = [ln for ln in msg.strip().splitlines() if ln.strip()]
+    if len(lines) <= 1:
+        return msg.strip()
+    last = lines[-1]
+    head, sep, rest = last.partition(": ")
+    return rest if sep and head.rsplit(".", 1)[-1].endswith("Error") else last
+
+
+def debug_enabled(args: Optional[argparse.Namespace] = None) -> bool:
+    """``--debug`` given (anywhere on the command line) or ``LOCOOP_DEBUG=1``: show full tracebacks."""
+    return bool(getattr(args, "debug", False)) or os.environ.get("LOCOOP_DEBUG", "") not in ("", "0")
+
+
+def _existing_parent(path: str) -> str:
+    path = os.path.abspath(path or ".")
+    while path and not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return path
+
+
+def describe_os_error(e: OSError) -> str:
+    """One line for an OSError: what failed on which path, and the fix (free space for a full disk)."""
+    import errno
+    import shutil
+
+    path = e.filename or ""
+    where = f" {path}" if path else ""
+    if e.errno == errno.ENOSPC:
+        free = ""
+        try:
+            free = f" ({shutil.disk_usage(_existing_parent(path)).free / 2**20:.1f} MiB free there)"
+        except OSError:
+            pass
+        return (f"no space left on the device writing{where}{free}; free some space or choose another "
+                f"--output-dir")
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        kind = "read-only file system" if e.errno == errno.EROFS else "permission denied"
+        return f"cannot write{where}: {kind}; choose a writable --output-dir (or fix the folder's permissions)"
+    if e.errno == errno.ENOTDIR:
+        return f"{path or 'a path'}: a part of the path is a file, not a folder; choose another --output-dir"
+    return f"{e.strerror or e}{':' + where if path else ''}"

@@ -108,7 +108,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from locoop.engine.registry import build_trainer
 
-    trainer = build_trainer(cfg)
+    trainer = build_trainer(cfg, need_train=not test_only)  # a retest reads no training split
     if test_only:
         trainer.load_model(args.model_dir, epoch=args.load_epoch)
     else:

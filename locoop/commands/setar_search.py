@@ -207,9 +207,10 @@ def check_search_dataset(cfg: Any, dataset: Any, criterion: str) -> list:
             "the validation split is the test split: the search must not see test images. Set "
             "DATASET.VAL_SPLIT_FILE to SeTAR's split JSON ({class folder: [file names]}, e.g. "
             "imagenet1k_val_data.json / voc_val_data.json from the SeTAR repository) or give the dataset a val/ folder")
-    if criterion in ("loss", "loss_id", "loss_ood") and int(cfg.SETAR.TOPK) > dataset.num_classes:
-        raise ValueError(f"SETAR.TOPK {cfg.SETAR.TOPK} exceeds the {dataset.num_classes} classes of "
-                         f"{cfg.DATASET.NAME}; SeTAR uses 300 of 1000 (ImageNet) and 4 of 14 (VOC)")
+    if criterion in ("loss", "loss_id", "loss_ood"):
+        from locoop.trainers.loss import check_top_k
+
+        check_top_k("SETAR.TOPK", int(cfg.SETAR.TOPK), dataset.num_classes, str(cfg.DATASET.NAME))
     return val
 
 

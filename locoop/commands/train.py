@@ -30,6 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _run(args: argparse.Namespace) -> int:
     cfg = build_cfg(args)
     cls = check_trainer(cfg.TRAINER.NAME)
+    if not args.eval_only and not args.no_train and int(cfg.OPTIM.MAX_EPOCH) < 1 and trainer_needs_checkpoint(cls):
+        raise ValueError(f"OPTIM.MAX_EPOCH {cfg.OPTIM.MAX_EPOCH}: training needs at least 1 epoch (0 would write "
+                         f"no model); set OPTIM.MAX_EPOCH 1 or more (LoCoOp: 50), or use --eval-only / "
+                         f"--trainer ZeroshotCLIP to evaluate without training")
     if args.eval_only:
         if trainer_needs_checkpoint(cls):
             check_model_dir(args.model_dir, args.load_epoch)

@@ -33,6 +33,12 @@ def _run(args: argparse.Namespace) -> int:
     if not args.output_dir and args.model_dir:
         args.output_dir = args.model_dir
     cfg = build_cfg(args)
+    from locoop.models.swinv2 import is_swinv2_backbone
+
+    if is_swinv2_backbone(cfg.MODEL.BACKBONE.NAME):
+        raise ValueError(f"visualize shades the regions LoCoOp treats as OOD for a CLIP model's class prompts; "
+                         f"MODEL.BACKBONE.NAME {cfg.MODEL.BACKBONE.NAME!r} is a Swin-V2 classifier, which has none. "
+                         "Give a CLIP backbone (e.g. --backbone ViT-B/16)")
     cls = check_trainer(cfg.TRAINER.NAME)
     if trainer_needs_checkpoint(cls) or args.model_dir:
         check_model_dir(args.model_dir, args.load_epoch)
@@ -44,6 +50,10 @@ def _run(args: argparse.Namespace) -> int:
     num_classes = int(text_features.shape[0])
     if args.label >= num_classes:
         raise ValueError(f"--label {args.label} is outside [0, {num_classes}): the dataset has {num_classes} classes")
+    from locoop.trainers.loss import check_top_k
+
+    check_top_k("TRAINER.LOCOOP.TOPK", int(cfg.TRAINER.LOCOOP.TOPK), num_classes, str(cfg.DATASET.NAME),
+                f"--topk {max(1, num_classes - 1)}")
     classnames = getattr(trainer, "classnames", None) or getattr(getattr(trainer, "dm", None), "classnames", None)
     regions = visualize_ood_regions(
         trainer.clip_model, text_features, args.image_path, args.label, build_transform(cfg, is_train=False),

@@ -38,6 +38,7 @@ __all__ = [
     "merge_from_dict",
     "merge_from_list",
     "setup_cfg",
+    "cfg_changes",
     "validate_cfg",
     "cfg_to_dict",
     "dump_cfg",
@@ -355,6 +356,22 @@ def cfg_to_dict(cfg: CfgNode) -> dict:
         else:
             out[k] = v
     return out
+
+
+def _leaf(cfg: CfgNode, key: str) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def cfg_changes(cfg: CfgNode) -> list[tuple[str, Any]]:
+    """``(key, value)`` of every leaf whose value differs from :func:`get_cfg_default`, in config order.
+
+    What the console shows of a run's config (``config.yaml`` keeps every key).
+    """
+    default = get_cfg_default()
+    return [(k, _leaf(cfg, k)) for k in all_keys(cfg) if _leaf(cfg, k) != _leaf(default, k)]
 
 
 def dump_cfg(cfg: CfgNode, path: str) -> str:

@@ -59,9 +59,9 @@ ID_DATASETS = {
 #: SeTAR's scorer names -> our OOD score names ("loss" is the search criterion, not a score).
 SCORES = {"mcm_score": "MCM", "l_mcm_score": "L-MCM", "gl_mcm_score": "GL-MCM", "energy_score": "energy",
           "entropy_score": "entropy", "var_score": "variance"}
-#: SeTAR's searchers -> ours (visual_only_swin is visual_only on a Swin-V2 backbone).
+#: SeTAR's searchers -> ours (the same names; visual_only_swin is the Swin-V2 one).
 SEARCHERS = {"visual_text": "visual_text", "text_visual": "text_visual", "text_only": "text_only",
-             "visual_only": "visual_only", "visual_only_swin": "visual_only",
+             "visual_only": "visual_only", "visual_only_swin": "visual_only_swin",
              "layer_exhaustive": "layer_exhaustive", "modality_interleaved": "modality_interleaved"}
 #: Module names of SeTAR's LoRA target_modules (Hugging Face CLIP and Swin-V2) -> SeTAR weight types.
 TARGET_MODULES = {"self_attn.q_proj": "W_q", "self_attn.k_proj": "W_k", "self_attn.v_proj": "W_v",

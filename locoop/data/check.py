@@ -327,6 +327,50 @@ def check_ood(report: CheckReport, root: str, names: Iterable[str], verify_image
             _verify(report, sec, paths, strict, workers, label=f"{canon}: ")
 
 
+#: Shipped configs per ID layout: (what they run, glob under configs/), as the README lists them.
+_CONFIGS = {
+    "imagenet": [("LoCoOp / CoOp training", "trainers/LoCoOp/*.yaml"),
+                 ("zero-shot MCM / GL-MCM (their papers' protocol)", "zeroshot/*.yaml"),
+                 ("SeTAR search, CLIP ViT-B/16", "setar/imagenet/*.yaml"),
+                 ("SeTAR search, CLIP ViT-L/14", "setar/imagenet/clip_large/*.yaml"),
+                 ("SeTAR search, Swin-V2-B", "setar/imagenet/swin_base/*.yaml"),
+                 ("SeTAR+FT / LoRA, CLIP ViT-B/16", "setar/finetune/imagenet/*.yaml"),
+                 ("SeTAR+FT / LoRA, CLIP ViT-L/14", "setar/finetune/imagenet/clip_large/*.yaml"),
+                 ("SeTAR+FT / LoRA, Swin-V2-B", "setar/finetune/imagenet/swin_base/*.yaml"),
+                 ("SeTAR ablations", "setar/ablations/imagenet/*/*.yaml")],
+    "voc": [("SeTAR search, CLIP ViT-B/16", "setar/voc/*.yaml"),
+            ("SeTAR+FT / LoRA, CLIP ViT-B/16", "setar/finetune/voc/*.yaml"),
+            ("SeTAR ablations", "setar/ablations/voc/*/*.yaml")],
+    "openood": [("OpenOOD v1.5 ImageNet-1K benchmark (with any method config)", "benchmarks/*.yaml")],
+}
+
+
+def shipped_configs(dataset: str, configs_dir: Optional[str] = None) -> list:
+    """``(what, [config paths])`` of the shipped configs that run on the ``dataset`` layout.
+
+    Args:
+        dataset: ``imagenet``, ``voc`` or ``openood``.
+        configs_dir: the ``configs/`` folder (default: the source checkout's; empty when absent).
+    """
+    import glob
+
+    if configs_dir is None:
+        configs_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                                   "configs")
+    out = []
+    for what, pattern in _CONFIGS.get(dataset, []):
+        files = sorted(glob.glob(os.path.join(configs_dir, pattern)))
+        if files:
+            out.append((what, [os.path.relpath(f, os.path.dirname(configs_dir)) for f in files]))
+    return out
+
+
+def _report_configs(report: CheckReport, dataset: str) -> None:
+    for what, files in shipped_configs(dataset):
+        shown = files if len(files) <= 6 else [os.path.dirname(files[0]) + os.sep + f"... ({len(files)} files)"]
+        report.add("info", "Shipped configs for this layout", f"{what}: {', '.join(shown)}")
+
+
 def check_data(root: str, dataset: Optional[str] = "imagenet", ood: Optional[Sequence[str]] = None,
                num_shots: Optional[int] = None, seed: Optional[int] = None, verify_images: bool = False,
                strict: bool = False, need_train: bool = True, val_split_file: Optional[str] = None,
@@ -366,6 +410,7 @@ def check_data(root: str, dataset: Optional[str] = "imagenet", ood: Optional[Seq
         # The ID and OOD lists are one benchmark; the training list only matters for few-shot training.
         check_openood(report, root, sets=list(ood) if ood else None, need_train=need_train and num_shots is not None,
                       verify_images=verify_images, strict=strict, workers=workers)
+        _report_configs(report, "openood")
         return report
     elif key == "none":
         default_ood = IMAGENET_OOD_SETS
@@ -375,4 +420,6 @@ def check_data(root: str, dataset: Optional[str] = "imagenet", ood: Optional[Seq
         report.add("info", "OOD sets", "not checked (pass --ood, or --ood NAME ... for specific sets)")
     else:
         check_ood(report, root, list(ood) or list(default_ood), verify_images, strict, workers)
+    if key != "none":
+        _report_configs(report, "voc" if key != "imagenet" else "imagenet")
     return report

@@ -12,8 +12,9 @@ contiguous shards whose outputs the trainer gathers.
 """
 from __future__ import annotations
 
+import os
 import warnings
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ from ..engine import dist
 from ..engine.registry import DATASET_REGISTRY
 from ..engine.seed import seed_worker
 from .datum import DatasetBase, Datum
-from .image_io import CorruptImageWarning, DatasetWrapper, collate_skipping
+from .image_io import CorruptImageWarning, DatasetWrapper, collate_skipping, list_images
 from .transforms import build_transform
 
 # Dassl sampler names -> whether the loader shuffles.
@@ -118,6 +119,36 @@ class SkippingDataLoader(DataLoader):
             yield batch
 
 
+_WORKER_NOTE_SHOWN = False
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one; what torch's loader checks)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # no affinity masks (macOS, Windows)
+        return max(1, os.cpu_count() or 1)
+
+
+def cap_num_workers(num_workers: int) -> int:
+    """``DATALOADER.NUM_WORKERS`` capped to the CPUs available, with one note per process.
+
+    Workers only decode and transform images (every random draw comes from per-sample seeds), so
+    the cap changes no number; it avoids torch's warning on every loader and oversubscribed cores.
+    ``config.yaml`` keeps the requested value.
+    """
+    global _WORKER_NOTE_SHOWN
+    num_workers = int(num_workers)
+    cpus = available_cpus()
+    if num_workers <= cpus:
+        return num_workers
+    if not _WORKER_NOTE_SHOWN and dist.is_main_process():
+        print(f"Note: DATALOADER.NUM_WORKERS {num_workers} > the {cpus} CPU(s) available; using {cpus} "
+              "worker(s) per loader (results do not depend on the worker count)")
+        _WORKER_NOTE_SHOWN = True
+    return cpus
+
+
 def build_data_loader(
     data_source: Sequence[Datum],
     batch_size: int,
@@ -138,7 +169,8 @@ def build_data_loader(
         tfm: transform applied to each RGB PIL image.
         is_train: training loader (shuffled, drops the last incomplete batch when the data
             holds at least one full batch, as Dassl) or evaluation loader (ordered, keeps all).
-        num_workers: worker processes (``persistent_workers`` when > 0).
+        num_workers: worker processes (``persistent_workers`` when > 0), capped to the CPUs
+            available (:func:`cap_num_workers`).
         drop_last: override the default above.
         sampler: an explicit index sampler (e.g. ``DistributedSampler(data_source)``); replaces
             ``shuffle``. Its ``set_epoch`` is called at every epoch. In a distributed run a
@@ -181,7 +213,7 @@ def build_data_loader(
     # seed_worker); every random choice of ours comes from the per-sample seeds.
     loader_generator = torch.Generator()
     loader_generator.manual_seed(_mix(seed, 0, stream=1))
-    num_workers = int(num_workers)
+    num_workers = cap_num_workers(num_workers)
     return SkippingDataLoader(
         DatasetWrapper(data_source, tfm, strict=strict),
         batch_size=int(batch_size),
@@ -229,6 +261,56 @@ def get_dataset_class(name: str) -> type:
     from . import datasets  # noqa: F401
 
     return DATASET_REGISTRY.get(name)
+
+
+def check_every_class_has_images(dataset: DatasetBase, cfg: Any = None) -> None:
+    """Refuse a training split in which a class has no image (training would silently drop it).
+
+    Args:
+        dataset: the dataset, its ``train_x`` built; ``class_keys`` and ``train_dir`` name the folder
+            when the dataset has them.
+        cfg: the run config (for the few-shot count in the message); optional.
+
+    Raises:
+        FileNotFoundError: the classes without a training image, with their folders and the fix.
+    """
+    have = {int(d.label) for d in dataset.train_x}
+    missing = [i for i in range(int(dataset.num_classes)) if i not in have]
+    if not missing:
+        return
+    keys = list(getattr(dataset, "class_keys", None) or [])
+    train_dir = getattr(dataset, "train_dir", None)
+    names = list(dataset.classnames)
+
+    def where(i: int) -> str:
+        name = names[i] if i < len(names) else str(i)
+        if i < len(keys):
+            folder = os.path.join(train_dir, keys[i]) if train_dir else keys[i]
+            return f"{name!r} (label {i}, folder {folder})"
+        return f"{name!r} (label {i})"
+
+    shown = ", ".join(where(i) for i in missing[:5]) + (f", ... ({len(missing)} in all)" if len(missing) > 5 else "")
+    split = getattr(dataset, "split_file", None)
+    if split:
+        # A few-shot split is drawn from the images found and then cached: one drawn while a folder was
+        # empty never holds that class, however many images the folder gets later.
+        def has_images(i: int) -> bool:
+            if not (train_dir and i < len(keys)) or not os.path.isdir(os.path.join(train_dir, keys[i])):
+                return False
+            return bool(list_images(os.path.join(train_dir, keys[i])))
+
+        if all(has_images(i) for i in missing):
+            raise FileNotFoundError(
+                f"the few-shot split {split} has no image of {len(missing)} of {dataset.num_classes} classes: "
+                f"{shown}, though their folders hold images now (it was drawn while they were empty); delete "
+                f"{split} so that the next run draws it again")
+        redraw = f"; then delete the few-shot split {split}, drawn without them, so that it is drawn again"
+    else:
+        redraw = ""
+    raise FileNotFoundError(
+        f"{len(missing)} of {dataset.num_classes} classes have no training images: {shown}; training would "
+        f"silently ignore them. Put images into the folder (or remove the class from the class names){redraw}, "
+        f"then check with `python -m locoop check-data`")
 
 
 def build_dataset(cfg, need_train: Optional[bool] = None) -> DatasetBase:

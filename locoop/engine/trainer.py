@@ -472,9 +472,12 @@ class SimpleTrainer(TrainerBase):
         self.build_model()
         self.broadcast_models()
         if dist.is_distributed() and cfg.VERBOSE:
-            w, b = dist.get_world_size(), int(cfg.DATALOADER.TRAIN_X.BATCH_SIZE)
+            # An evaluation-only trainer (eval, setar-search) runs no training batch: report the one it runs.
+            training = getattr(self, "train_loader_x", None) is not None
+            w = dist.get_world_size()
+            b = int(cfg.DATALOADER.TRAIN_X.BATCH_SIZE if training else cfg.DATALOADER.TEST.BATCH_SIZE)
             print(f"Distributed: {w} processes ({dist.backend_for(self.device)}), "
-                  f"global batch {b * w} = {b} per process x {w}")
+                  f"global {'training' if training else 'evaluation'} batch {b * w} = {b} per process x {w}")
         self.build_evaluator()
 
     #: Config sections this trainer reads; their rules (:mod:`locoop.config.checks`), required keys
@@ -503,6 +506,10 @@ class SimpleTrainer(TrainerBase):
 
         # need_train=None lets the dataset decide (its default); False skips the training split.
         dm = DataManager(self.cfg, need_train=None if self.need_train else False)
+        if self.need_train and dm.dataset.train_x:
+            from locoop.data.data_manager import check_every_class_has_images
+
+            check_every_class_has_images(dm.dataset, self.cfg)
         self.dm = dm
         self.train_loader_x = dm.train_loader_x
         self.val_loader = dm.val_loader

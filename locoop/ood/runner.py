@@ -191,8 +191,16 @@ def cache_set_name(cfg: Any, set_name: str) -> str:
     return f"{bench}-{set_name}" if bench else set_name
 
 
-def cache_local_dtype(cfg: Any) -> torch.dtype:
-    """``OOD.CACHE_LOCAL_DTYPE`` as a torch dtype (float16 by default)."""
+def cache_local_dtype(cfg: Any, model: Optional[torch.nn.Module] = None) -> torch.dtype:
+    """``OOD.CACHE_LOCAL_DTYPE`` as a torch dtype (float16 by default); float32 for a classifier.
+
+    float16 suits CLIP's unit-length local features (error ~1e-4 on cosines); a classifier's local
+    *logits* (Swin-V2) are unbounded, so they are cached exactly, whatever the key says.
+    """
+    from locoop.ood.heads import outputs_logits
+
+    if model is not None and outputs_logits(model):
+        return torch.float32
     return {"float16": torch.float16, "float32": torch.float32}[str(getattr(cfg.OOD, "CACHE_LOCAL_DTYPE", "float16"))]
 
 
@@ -509,7 +517,7 @@ def run_ood_benchmark(cfg: Any, clip_model: torch.nn.Module, text_features: Opti
                    with_local=checked["with_local"], logit_scale=head_logit_scale(clip_model),
                    tfm=build_transform(cfg, is_train=False), device=device,
                    amp=extraction_amp(cfg, device, precision), batch_size=int(cfg.DATALOADER.TEST.BATCH_SIZE),
-                   verbose=verbose, local_dtype=cache_local_dtype(cfg))
+                   verbose=verbose, local_dtype=cache_local_dtype(cfg, clip_model))
     use_cache = bool(getattr(cfg.OOD, "USE_CACHE", False)) if use_cache is None else bool(use_cache)
     if use_cache:
         from locoop.ood.cache import FeatureCache, resolve_cache_dir

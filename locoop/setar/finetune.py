@@ -221,6 +221,10 @@ class AdapterTrainer(PromptTrainer):
         verbose = bool(cfg.VERBOSE)
         self.lam = float(ft.LAMBDA)
         self.top_k = int(ft.TOPK)
+        if self.need_train and self.lam != 0:  # before CLIP is loaded: the shipped 300 on a small class set selects nothing
+            from locoop.trainers.loss import check_top_k
+
+            check_top_k("SETAR.FT.TOPK", self.top_k, int(self.dm.num_classes), str(cfg.DATASET.NAME))
         self.backbone = str(cfg.MODEL.BACKBONE.NAME).strip()
         # Weights stay fp32 whatever the precision: the SVD split and SGD on the adapters need it.
         if self.is_swin:

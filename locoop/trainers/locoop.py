@@ -131,6 +131,11 @@ class LoCoOp(PromptTrainer):
         classnames = list(self.dm.dataset.classnames)
         self.lam = self.lambda_value()
         self.top_k = int(c.TOPK)
+        if self.need_train and self.lam != 0:  # before CLIP is loaded: K >= C would silently train CoOp
+            from locoop.trainers.loss import check_top_k
+
+            check_top_k("TRAINER.LOCOOP.TOPK", self.top_k, len(classnames), str(cfg.DATASET.NAME),
+                        f"--topk {max(1, len(classnames) - 1)}")
         verbose = bool(cfg.VERBOSE)
         clip_model, self.precision = load_clip(cfg, self.device, c.PREC, verbose=verbose)
         res = int(getattr(clip_model.visual, "input_resolution", cfg.INPUT.SIZE[0]))

@@ -9,8 +9,8 @@ Definitions (LoCoOp, NeurIPS 2023, and its reference code ``trainers/locoop.py``
   (we rank logits, in float32). Ties: a class tied with the label does not push the label out,
   i.e. the label is in the top-K iff fewer than K classes have a strictly larger logit. The
   reference leaves ties to ``torch.topk``'s unspecified order; with continuous logits ties do not
-  occur. ``top_k`` larger than the number of classes is clamped (the reference's ``topk`` would fail):
-  then no patch is ever selected.
+  occur. ``top_k`` larger than the number of classes is clamped here (the reference's ``topk`` would
+  fail): then no patch is ever selected. The commands refuse ``top_k >= C`` first (:func:`check_top_k`).
 * ``entropy(p) = -sum_c p_c * log(p_c + 1e-5)`` per patch (the ``1e-5`` is the reference code's).
 * ``L_ood = -mean(entropy)`` over the selected patches of the whole batch (one mean over all
   selected patches, not a per-image mean); ``L_ood = 0`` when no patch is selected.
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 Tensor = torch.Tensor
 
-__all__ = ["ENTROPY_EPS", "select_ood_patches", "entropy", "ood_entropy_loss", "locoop_loss"]
+__all__ = ["ENTROPY_EPS", "check_top_k", "select_ood_patches", "entropy", "ood_entropy_loss", "locoop_loss"]
 
 ENTROPY_EPS = 1e-5  # inside the log, as the reference code
 
@@ -38,6 +38,35 @@ def _check_shapes(logits_local: Tensor, labels: Tensor) -> None:
     if labels.dim() != 1 or labels.shape[0] != logits_local.shape[0]:
         raise ValueError(f"labels must be [B] with B={logits_local.shape[0]} (the batch of logits_local), "
                          f"got shape {tuple(labels.shape)}")
+
+
+def check_top_k(key: str, top_k: int, num_classes: int, dataset: str = "", fix: str = "") -> None:
+    """Refuse a LoCoOp top-K that selects no patch: ``top_k >= num_classes``.
+
+    The label is always among the top-C classes, so K >= C selects no patch, the OOD loss is 0
+    and LoCoOp silently becomes CoOp (the reference's ``torch.topk`` fails for K > C). One check
+    for every user of the rule: ``train``, SeTAR+FT, ``setar-search`` and ``visualize``.
+
+    Args:
+        key: the config key that set K (named in the message), e.g. ``TRAINER.LOCOOP.TOPK``.
+        top_k: K.
+        num_classes: the number of classes C of the dataset.
+        dataset: the dataset name, for the message.
+        fix: how to set the key (e.g. "--topk 4 or TRAINER.LOCOOP.TOPK 4"); default ``KEY N``.
+
+    Raises:
+        ValueError: ``top_k >= num_classes`` (or ``top_k < 1``), naming the value, the limit and the fix.
+    """
+    k, c = int(top_k), int(num_classes)
+    if k < 1:
+        raise ValueError(f"{key} {k} must be at least 1")
+    if k >= c:
+        hint = max(1, c - 1)
+        where = f" of {dataset}" if dataset else ""
+        fix = fix or f"{key} {hint}"
+        raise ValueError(f"{key} {k} must be below the {c} classes{where}: with K >= C no region is ever "
+                         f"OOD (the label is always in the top-{c}) and the OOD loss is 0; set a smaller K, "
+                         f"e.g. {fix} (LoCoOp uses 200 of 1000 classes, SeTAR 300 of 1000 and 4 of 14)")
 
 
 def select_ood_patches(logits_local: Tensor, labels: Tensor, top_k: int) -> Tensor:

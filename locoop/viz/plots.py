@@ -34,8 +34,10 @@ def _new_figure(figsize=(6.0, 4.0)):
 
 
 def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
+    from locoop.engine.fileio import atomic_write
+
+    # atomic as every other result file: a full disk leaves no half-written PNG, and its error names the file
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
     fig.clear()  # release the artists now rather than at garbage collection
     return path
 

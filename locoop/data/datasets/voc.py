@@ -127,3 +127,4 @@ class PascalVOC(DatasetBase):
         self.split_file, self.split_hash = split_file, split_hash
         self.val_split_file, self.val_split_hash = val_split_file, val_split_hash
         self.class_keys = [classes.keys[i] for i in kept]
+        self.train_dir = paths["train"] if use_train else None  # names an empty class's folder in refusals
