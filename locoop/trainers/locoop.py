@@ -163,6 +163,14 @@ class LoCoOp(PromptTrainer):
         self.register_model("prompt_learner", self.model.prompt_learner, self.optim, self.sched)
         self.init_amp_scaler(self.precision == "amp")
 
+    def checkpoint_provenance(self, name: str) -> Optional[dict]:
+        """The prompt learner's checkpoints record the backbone (name, weight hash) and the class-name hash."""
+        if name != "prompt_learner":
+            return None
+        from locoop.engine.provenance import prompt_provenance
+
+        return prompt_provenance(self.cfg.MODEL.BACKBONE.NAME, self.clip_model, self.model.prompt_learner.classnames)
+
     def load_pretrained_prompt(self, path: str) -> None:
         """Initialise the prompt learner from a checkpoint file (``MODEL.INIT_WEIGHTS``)."""
         from locoop.engine.checkpoint import load_checkpoint
