@@ -176,7 +176,7 @@ def _result(folder, trainer="LoCoOp", scores=("MCM",), sets=("SUN", "Texture"), 
 
 
 def _summarize(capsys, *folders):
-    rc = cli_main(["summarize"] + [str(f) for f in folders])
+    rc = cli_main(["summarize", "--bootstrap", "0"] + [str(f) for f in folders])
     out, err = capsys.readouterr()
     return rc, out, err
 
