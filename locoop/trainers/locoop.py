@@ -172,10 +172,12 @@ class LoCoOp(PromptTrainer):
         return prompt_provenance(self.cfg.MODEL.BACKBONE.NAME, self.clip_model, self.model.prompt_learner.classnames)
 
     def load_pretrained_prompt(self, path: str) -> None:
-        """Initialise the prompt learner from a checkpoint file (``MODEL.INIT_WEIGHTS``)."""
+        """Initialise the prompt learner from a checkpoint file (``MODEL.INIT_WEIGHTS``), checked as
+        :meth:`load_model` checks one (backbone and class names, ``MODEL.ALLOW_OTHER_*``)."""
         from locoop.engine.checkpoint import load_checkpoint
 
         ckpt = load_checkpoint(path)
+        self.check_provenance("prompt_learner", ckpt, path)  # another backbone / class names: refused
         state = ckpt["state_dict"]
         state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
         self.model.prompt_learner.load_state_dict(state)
