@@ -99,14 +99,23 @@ def test_prompt_checkpoint_records_backbone_and_classnames(trained_run, tiny_vit
     assert prov["classnames_sha256"] == classnames_sha256([synthetic_classname(i, 3) for i in range(3)])
 
 
-def test_other_backbone_refused_then_allowed(tmp_path, capsys, data_root, trained_run, other_backbone,
-                                             tiny_vit_path, no_images):
+def test_other_backbone_refused_before_any_image(tmp_path, capsys, data_root, trained_run, other_backbone,
+                                                 tiny_vit_path, no_images):
     rc, out, err = _eval(capsys, data_root, trained_run, other_backbone, tmp_path / "a")
     assert rc == 2, err
     line = err.strip().splitlines()[0]
     assert "another base model" in line and repr(tiny_vit_path) in line and repr(other_backbone) in line
     assert "MODEL.ALLOW_OTHER_BACKBONE True" in line
     assert not (tmp_path / "a" / "ood_results.json").exists()
+
+
+def test_same_backbone_and_classnames_load_silently(tmp_path, capsys, data_root, trained_run, tiny_vit_path):
+    rc, out, err = _eval(capsys, data_root, trained_run, tiny_vit_path, tmp_path / "c")
+    assert rc == 0, err
+    assert "another base model" not in err and "other class names" not in err and "records no backbone" not in out
+    # What the check compared: the checkpoint records the backbone it was learned on.
+    ckpt = load_checkpoint(str(trained_run / "prompt_learner" / "model.pth.tar-1"))
+    assert ckpt["provenance"]["backbone"] == tiny_vit_path
 
 
 def test_other_backbone_allowed_with_the_key(tmp_path, capsys, data_root, trained_run, other_backbone):
@@ -116,12 +125,6 @@ def test_other_backbone_allowed_with_the_key(tmp_path, capsys, data_root, traine
     warnings = [line for line in err.splitlines() if "another base model" in line]
     assert len(warnings) == 1 and warnings[0].startswith("Warning:") and "loaded anyway" in warnings[0]
     assert (tmp_path / "b" / "ood_results.json").is_file()
-
-
-def test_same_backbone_and_classnames_load_silently(tmp_path, capsys, data_root, trained_run, tiny_vit_path):
-    rc, out, err = _eval(capsys, data_root, trained_run, tiny_vit_path, tmp_path / "c")
-    assert rc == 0, err
-    assert "another base model" not in err and "other class names" not in err and "records no backbone" not in out
 
 
 def test_other_classnames_refused_then_allowed(tmp_path, capsys, renamed_root, trained_run, tiny_vit_path,
