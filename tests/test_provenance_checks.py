@@ -144,6 +144,26 @@ def test_other_classnames_refused_then_allowed(tmp_path, capsys, renamed_root, t
     assert sum("other class names" in line for line in err.splitlines()) == 1
 
 
+def test_setar_search_refuses_prompts_of_another_backbone(tmp_path, capsys, data_root, trained_run, other_backbone,
+                                                          monkeypatch):
+    from locoop.data.synthetic import make_val_split
+    import locoop.setar.search as search
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the search ran: the prompts were not refused first")
+
+    monkeypatch.setattr(search, "run_search", boom)
+    split = tmp_path / "val_split.json"
+    make_val_split(str(split), str(data_root / "imagenet" / "images" / "train"), per_class=1)
+    rc = cli_main([str(a) for a in [
+        "setar-search", "--root", data_root, "--config-file", REPO / "configs/setar/imagenet/SeTAR.yaml",
+        "--output-dir", tmp_path / "s", "--model-dir", trained_run, "MODEL.BACKBONE.NAME", other_backbone,
+        "DATASET.VAL_SPLIT_FILE", split, "TRAINER.LOCOOP.N_CTX", 4, "SETAR.TOPK", 2, "INPUT.SIZE", "(32, 32)",
+        "DATALOADER.NUM_WORKERS", 0, "OOD.PLOT", "False", "VERBOSE", "False"]])
+    err = capsys.readouterr().err
+    assert rc == 2 and "another base model" in err and "MODEL.ALLOW_OTHER_BACKBONE" in err, err
+
+
 def test_checkpoint_without_provenance_loads_with_a_note(tmp_path, capsys, data_root, trained_run, other_backbone):
     old = tmp_path / "old_run"
     shutil.copytree(trained_run / "prompt_learner", old / "prompt_learner")
