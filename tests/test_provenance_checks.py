@@ -144,6 +144,17 @@ def test_other_classnames_refused_then_allowed(tmp_path, capsys, renamed_root, t
     assert sum("other class names" in line for line in err.splitlines()) == 1
 
 
+def test_visualize_refuses_prompts_of_another_backbone(tmp_path, capsys, data_root, trained_run, other_backbone):
+    image = sorted((data_root / "imagenet/images/train").glob("*/*.JPEG"))[0]
+    rc = cli_main([str(a) for a in [
+        "visualize", "--root", data_root, "--trainer", "LoCoOp", "--dataset-config-file", DS_CFG, "--config-file",
+        METHOD_CFG, "--model-dir", trained_run, "--output-dir", tmp_path / "v", "--image_path", image, "--label", 0,
+        "MODEL.BACKBONE.NAME", other_backbone] + SMALL])
+    err = capsys.readouterr().err
+    assert rc == 2 and "another base model" in err, err
+    assert not (tmp_path / "v" / "visualization").exists()
+
+
 def test_setar_search_refuses_prompts_of_another_backbone(tmp_path, capsys, data_root, trained_run, other_backbone,
                                                           monkeypatch):
     from locoop.data.synthetic import make_val_split
