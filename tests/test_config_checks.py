@@ -22,6 +22,8 @@ BAD = [
     ("DATASET.NUM_SHOTS", -2, "must be >= -1 (use -1 (all images) or K >= 1)"),
     ("OPTIM.MAX_EPOCH", -1, "must be >= 0"),
     ("TRAIN.PRINT_FREQ", 0, "must be >= 1"),
+    ("MODEL.ALLOW_OTHER_BACKBONE", "yes", "set True or False"),
+    ("MODEL.ALLOW_OTHER_CLASSNAMES", 1, "set True or False"),
     ("TRAINER.LOCOOP.PREC", "bf16", "choose one of ['fp16', 'fp32', 'amp']"),
     ("TRAINER.LOCOOP.CLASS_TOKEN_POSITION", "start", "choose one of ['end', 'middle', 'front']"),
     ("TRAINER.LOCOOP.N_CTX", 0, "must be >= 1 (or set TRAINER.LOCOOP.CTX_INIT)"),
