@@ -23,7 +23,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
-__all__ = ["Rule", "choice", "at_least", "in_range", "rule", "SECTIONS", "VALUE_SECTIONS",
+__all__ = ["Rule", "choice", "flag", "at_least", "in_range", "rule", "SECTIONS", "VALUE_SECTIONS",
            "FT_PRECISIONS", "FT_TRAIN_SPLITS", "FT_LR_STEPS", "check_sections", "validate_cfg", "check_setar",
            "check_setar_ft", "checked_keys", "lookup"]
 
@@ -149,6 +149,17 @@ def _backbone(value: Any, cfg: Any) -> Optional[str]:
     return f"MODEL.BACKBONE.NAME is empty: {_backbone_hint()}"
 
 
+def flag(key: str, hint: str = "") -> Rule:
+    """``key`` must be a bool (``True`` / ``False``; 1 or 'yes' are refused rather than read as one)."""
+
+    def check(value: Any, cfg: Any) -> Optional[str]:
+        if isinstance(value, bool):
+            return None
+        return f"{key} = {value!r} is not valid; set True or False" + (f" ({hint})" if hint else "")
+
+    return Rule(key, check)
+
+
 def _template(key: str, hint: str = "", allow_empty: bool = False) -> Rule:
     """``key`` is a prompt template with exactly one ``{}`` for the class name ("" too if ``allow_empty``)."""
 
@@ -263,7 +274,10 @@ SECTIONS: Dict[str, Tuple[Rule, ...]] = {
         at_least("DATASET.NUM_SHOTS", -1, "use -1 (all images) or K >= 1"),
         at_least("OPTIM.MAX_EPOCH", 0),
         at_least("TRAIN.PRINT_FREQ", 1),
-        choice("TRAIN.SAVE_LAST", (True, False)),
+        flag("TRAIN.SAVE_LAST", "True: model-last.pth.tar after every epoch, so a killed run resumes"),
+        # Loading a prompt checkpoint made on another backbone / for other class names.
+        flag("MODEL.ALLOW_OTHER_BACKBONE", "True: load a prompt checkpoint of another backbone with a warning"),
+        flag("MODEL.ALLOW_OTHER_CLASSNAMES", "True: load a prompt checkpoint of other class names with a warning"),
     ),
     "MODEL.BACKBONE": (rule("MODEL.BACKBONE.NAME", _backbone, required_=True),),
     # LoCoOp / CoOp (also read by ZeroshotCLIP and the prompts of a LoCoOp run reused by SeTAR).

@@ -127,6 +127,10 @@ def _add_model(c: CN) -> None:
     c.MODEL.BACKBONE = CN()
     c.MODEL.BACKBONE.NAME = ""  # CLIP model name ("ViT-B/16", "RN50", ...) or checkpoint path
     c.MODEL.BACKBONE.PRETRAINED = True  # Dassl: load pretrained backbone weights
+    # [ext] Prompt checkpoints record their backbone's weight hash and class-name hash; loading one on
+    # another backbone / with other class names is refused unless these are True (then a warning).
+    c.MODEL.ALLOW_OTHER_BACKBONE = False  # [ext] True: load a prompt checkpoint learned on another backbone
+    c.MODEL.ALLOW_OTHER_CLASSNAMES = False  # [ext] True: load a prompt checkpoint learned for other class names
     c.MODEL.HEAD = CN()
     c.MODEL.HEAD.NAME = ""  # Dassl: embedding head name ("" = none)
     c.MODEL.HEAD.HIDDEN_LAYERS = ()  # Dassl: head hidden sizes

@@ -8,8 +8,8 @@ train a mix of two configs, or a finished run of other settings would be reporte
 Training-relevant: everything under ``SEED``, ``INPUT``, ``DATASET``, ``DATALOADER.TRAIN_X`` /
 ``TRAIN_U`` (and the loader's ``K_TRANSFORMS`` / ``RETURN_IMG0``), ``MODEL``, ``OPTIM``, ``TRAINER``,
 ``SETAR`` and ``TEST.FINAL_MODEL`` (which model a ``best_val`` run keeps), except the keys of
-:data:`IGNORED` (where the data lies, which device, strictness about corrupt images), which do not
-change what is learned. Not relevant: output and resume folders, worker counts, print frequency,
+:data:`IGNORED` (where the data lies, which device, strictness about corrupt images, whether a
+checkpoint of another backbone may be loaded), which do not change what is learned. Not relevant: output and resume folders, worker counts, print frequency,
 checkpoint schedule, tensorboard, verbosity, evaluation and OOD settings. A key recorded on only one
 side (a key added to the framework after the run) is not compared.
 """
@@ -27,7 +27,8 @@ TRAINING_PREFIXES: Tuple[str, ...] = (
     "DATALOADER.RETURN_IMG0", "MODEL.", "OPTIM.", "TRAINER.", "SETAR.", "TEST.FINAL_MODEL",
 )
 #: Keys under those prefixes that do not change what is learned.
-IGNORED: Tuple[str, ...] = ("MODEL.DEVICE", "DATASET.ROOT", "DATASET.STRICT")
+IGNORED: Tuple[str, ...] = ("MODEL.DEVICE", "MODEL.ALLOW_OTHER_BACKBONE", "MODEL.ALLOW_OTHER_CLASSNAMES",
+                            "DATASET.ROOT", "DATASET.STRICT")
 
 
 def is_training_key(key: str) -> bool:

@@ -149,6 +149,27 @@ class TrainerBase:
         self.scaler = grad_scaler(device, enabled)
 
     # ------------------------------------------------------------------ checkpoints
+    def checkpoint_provenance(self, name: str) -> Optional[dict]:
+        """What the checkpoints of model ``name`` record about what it was made on (None: nothing).
+
+        Saved as the checkpoint's ``provenance`` entry and checked by :meth:`check_provenance`
+        when one is loaded (prompt learners: :func:`locoop.engine.provenance.prompt_provenance`).
+        """
+        return None
+
+    def check_provenance(self, name: str, ckpt: dict, path: str) -> None:
+        """Refuse a checkpoint of model ``name`` made on another backbone or other class names
+        (:func:`locoop.engine.provenance.check_prompt_provenance`; keys ``MODEL.ALLOW_OTHER_*``)."""
+        expected = self.checkpoint_provenance(name)
+        if expected is None:
+            return
+        from locoop.engine.provenance import check_prompt_provenance
+
+        model_cfg = getattr(getattr(self, "cfg", None), "MODEL", None)
+        check_prompt_provenance(ckpt.get("provenance"), expected, path,
+                                allow_other_backbone=bool(getattr(model_cfg, "ALLOW_OTHER_BACKBONE", False)),
+                                allow_other_classnames=bool(getattr(model_cfg, "ALLOW_OTHER_CLASSNAMES", False)))
+
     def save_model(self, epoch: int, directory: str, is_best: bool = False, val_result: Optional[float] = None,
                    model_name: str = "") -> None:
         """Save every registered model to ``directory/<name>/`` (file ``model.pth.tar-<epoch + 1>``)."""
@@ -175,6 +196,9 @@ class TrainerBase:
                 from locoop.config.training_keys import config_text
 
                 state["config"] = config_text(cfg)
+            provenance = self.checkpoint_provenance(name)
+            if provenance is not None:
+                state["provenance"] = provenance
             save_checkpoint(state, osp.join(directory, name), is_best=is_best, model_name=model_name)
         dist.barrier()
 
@@ -231,7 +255,8 @@ class TrainerBase:
             strict: Passed to ``load_state_dict``.
 
         Raises:
-            FileNotFoundError: no such checkpoint. ValueError: foreign or other-trainer checkpoint.
+            FileNotFoundError: no such checkpoint. ValueError: foreign or other-trainer checkpoint, or one
+                made on another backbone or other class names (:meth:`check_provenance`).
         """
         if not directory:
             print("Note that load_model() is skipped as no pretrained model is given")
@@ -250,6 +275,7 @@ class TrainerBase:
                                         f"; expected the layout <run dir>/{name}/model.pth.tar-<epoch>") + ".")
             ckpt = load_checkpoint(path)
             check_trainer(ckpt, self.checkpoint_trainer_names(), path)
+            self.check_provenance(name, ckpt, path)
             state_dict = self.before_load_state_dict(name, ckpt["state_dict"], path)
             print(f"Load {path} to {name} (epoch={ckpt.get('epoch')}"
                   + (f", val_result={ckpt['val_result']:.1f}" if ckpt.get("val_result") is not None else "") + ")")

@@ -217,13 +217,110 @@ def find_result_files(paths: Iterable[PathLike] = (), pattern: Optional[str] = N
             raise FileNotFoundError(f"the pattern {pattern!r} matches no {JSON_NAME} (nor folders containing one)")
         found += files
     unique: List[Path] = []
-    seen = set()
+    seen: Dict[Path, Path] = {}
     for f in found:  # the same run twice would silently weigh it double
         key = f.resolve()
-        if key not in seen:
-            seen.add(key)
-            unique.append(f)
+        if key in seen:
+            if str(f) != str(seen[key]) or not pattern:  # a glob re-matching a named run is expected: no note
+                print(f"Note: {f} is the results file of {seen[key]} (the same file); counted once")
+            continue
+        seen[key] = f
+        unique.append(f)
     return unique
+
+
+def run_identity(doc: Mapping[str, Any]) -> str:
+    """SHA-256 of what identifies an evaluated run: its numbers (every score, set and metric, the ID
+    accuracy), the model they were measured on (trainer, backbone, model folder and epoch, training
+    seed and split) and its method (:func:`method_fields`). A copied run folder, or one checkpoint
+    evaluated twice into two folders, has one identity; two seeds (or any two trainings) do not, their
+    numbers differ; files of two methods do not either (they are then refused, not merged)."""
+    import hashlib
+
+    meta = doc.get("meta") or {}
+    training = meta.get("training") or {}
+    ident = {"scores": doc.get("scores"), "id_accuracy": doc.get("id_accuracy"),
+             "model": [meta.get("trainer"), meta.get("backbone"), meta.get("model_dir"), meta.get("load_epoch"),
+                       training.get("seed"), training.get("split_hash")], "method": method_fields(doc)}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode("utf-8")).hexdigest()
+
+
+def dedupe_runs(files: Sequence[Path], docs: Sequence[Mapping[str, Any]]) -> tuple:
+    """Drop results files of a run already listed (same :func:`run_identity`), with a printed note per file.
+
+    Returns:
+        ``(files, docs)`` of the distinct runs, in the given order.
+    """
+    kept_f: List[Path] = []
+    kept_d: List[Mapping[str, Any]] = []
+    seen: Dict[str, Path] = {}
+    for f, doc in zip(files, docs):
+        key = run_identity(doc)
+        if key in seen:
+            print(f"Note: {f} holds the same run as {seen[key]} (identical results of the same model); counted once")
+            continue
+        seen[key] = f
+        kept_f.append(f)
+        kept_d.append(doc)
+    return kept_f, kept_d
+
+
+#: Results-meta entries that name the method: runs that differ in one are not averaged.
+METHOD_META_KEYS = ("trainer", "backbone", "id_dataset", "benchmark", "ood_datasets")
+#: Config sections / keys (of the meta's resolved config) that define the method.
+METHOD_CONFIG_PREFIXES = ("TRAINER.", "MODEL.BACKBONE.NAME", "OPTIM.", "INPUT.", "OOD.", "SETAR.", "DATASET.NAME",
+                          "DATASET.NUM_SHOTS", "DATASET.SUBSAMPLE_CLASSES", "TEST.FINAL_MODEL")
+#: Keys under those prefixes that cannot change a run's numbers (paths, caches, plots, speed settings) or that
+#: are seeds (what a summary averages over).
+METHOD_CONFIG_IGNORED = ("OOD.PLOT", "OOD.CACHE_DIR", "OOD.USE_CACHE", "OOD.BOOTSTRAP", "OOD.BOOTSTRAP_SEED",
+                         "OOD.NEGLABEL.PERM_DEVICE", "OOD.NEGLABEL.TEXT_BATCH", "OOD.NEGLABEL.LEXICON",
+                         "OOD.NEGLABEL.GROUP_SEED", "SETAR.CACHE_GB", "SETAR.SETTINGS_FILE", "SETAR.MODE")
+
+
+def _flatten(node: Any, prefix: str = "") -> Dict[str, Any]:
+    if not isinstance(node, Mapping):
+        return {prefix[:-1]: node}
+    out: Dict[str, Any] = {}
+    for k, v in node.items():
+        out.update(_flatten(v, f"{prefix}{k}."))
+    return out
+
+
+def method_fields(doc: Mapping[str, Any]) -> Dict[str, Any]:
+    """What a results file says about its method: :data:`METHOD_META_KEYS` of its meta and the
+    :data:`METHOD_CONFIG_PREFIXES` keys of its resolved config (those it records)."""
+    meta = doc.get("meta") or {}
+    out = {key: meta[key] for key in METHOD_META_KEYS if meta.get(key) is not None}
+    config = meta.get("config")
+    if isinstance(config, Mapping):
+        for key, value in _flatten(config).items():
+            if key.startswith(METHOD_CONFIG_PREFIXES) and key not in METHOD_CONFIG_IGNORED:
+                out[key] = value
+    return out
+
+
+def check_same_method(docs: Sequence[Mapping[str, Any]], files: Sequence[Path], limit: int = 4) -> None:
+    """Refuse runs whose method differs (:func:`method_fields`; a field only some runs record is not compared).
+
+    Raises:
+        ValueError: one line listing each differing field with its value per run, and the fix.
+    """
+    fields = [method_fields(d) for d in docs]
+    keys = sorted({k for f in fields for k in f}, key=lambda k: (k not in METHOD_META_KEYS, k))
+    diffs = []
+    for key in keys:
+        present = [(f[key], path) for f, path in zip(fields, files) if key in f]
+        values = {json.dumps(v, sort_keys=True, default=str) for v, _ in present}
+        if len(present) < 2 or len(values) < 2:
+            continue
+        groups: Dict[str, List[str]] = {}
+        for v, path in present:
+            groups.setdefault(json.dumps(v, default=str), []).append(str(path.parent if path.name == JSON_NAME else path))
+        diffs.append(f"{key}: " + "; ".join(f"{v} in {', '.join(ps)}" for v, ps in groups.items()))
+    if diffs:
+        more = f" (and {len(diffs) - limit} more fields)" if len(diffs) > limit else ""
+        raise ValueError(f"the runs are of different methods and cannot be averaged: {' | '.join(diffs[:limit])}{more}; "
+                         "summarize each method's runs separately")
 
 
 def _mean_std(values: Sequence[float], ddof: int) -> Dict[str, Any]:
@@ -247,13 +344,14 @@ def _check_same(docs: Sequence[Mapping[str, Any]], files: Sequence[Path]) -> Non
         struct = _structure(doc)
         if set(struct) != set(ref_struct):
             raise ValueError(f"{f} has scores {sorted(struct)} but {ref_f} has {sorted(ref_struct)}; "
-                             "evaluate every run with the same OOD.SCORES")
+                             "evaluate every run with the same OOD.SCORES, or summarize them separately")
         for s in ref_struct:
             if set(struct[s]) != set(ref_struct[s]):
                 only_a = sorted(set(struct[s]) - set(ref_struct[s]))
                 only_b = sorted(set(ref_struct[s]) - set(struct[s]))
                 raise ValueError(f"score {s!r}: OOD sets differ between {f} (extra {only_a}) and {ref_f} "
-                                 f"(extra {only_b}); evaluate every run on the same OOD.DATASETS")
+                                 f"(extra {only_b}); evaluate every run on the same OOD.DATASETS, or summarize them "
+                                 "separately")
             for o in ref_struct[s]:
                 if struct[s][o] != ref_struct[s][o]:
                     raise ValueError(f"score {s!r}, set {o!r}: metrics {struct[s][o]} in {f} but "
@@ -365,6 +463,12 @@ def summarize_runs(paths: Sequence[PathLike], output_dir: Optional[PathLike] = N
                    confidence: float = 0.95) -> Dict[str, Any]:
     """Average several runs' ``ood_results.json`` per score, OOD set and metric.
 
+    A run is counted once: a file named twice (a folder given twice, a symlink to it, a glob matching
+    it again) and a file holding the same run as an earlier one (:func:`run_identity`: a copied folder,
+    one checkpoint evaluated twice) are dropped with a printed note. Runs of different methods are
+    refused (:func:`check_same_method`: trainer, backbone, ID dataset, benchmark / OOD sets, the
+    method's config keys; and :func:`_check_same`: scores, OOD sets, metrics, conventions).
+
     Args:
         paths: run folders or ``ood_results.json`` files (at least one).
         output_dir: if given, ``summary.md`` and ``summary.json`` are written there.
@@ -382,7 +486,7 @@ def summarize_runs(paths: Sequence[PathLike], output_dir: Optional[PathLike] = N
         when ``output_dir`` was given.
 
     Raises:
-        ValueError: no runs, or runs with different scores / OOD sets / conventions; an unknown paper row,
+        ValueError: no runs, or runs of different methods, scores, OOD sets or conventions; an unknown paper row,
             or one whose score the runs lack.
         FileNotFoundError: a path without ``ood_results.json``.
     """
@@ -399,7 +503,9 @@ def summarize_runs(paths: Sequence[PathLike], output_dir: Optional[PathLike] = N
     if int(bootstrap_seed) < 0:
         raise ValueError(f"bootstrap_seed must be >= 0, got {bootstrap_seed}")
     docs = [read_results(f) for f in files]
+    files, docs = dedupe_runs(files, docs)
     _check_same(docs, files)
+    check_same_method(docs, files)
 
     ref = docs[0]
     scores: Dict[str, Dict[str, Dict[str, Dict[str, Any]]]] = {}

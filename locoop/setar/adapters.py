@@ -52,7 +52,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from locoop.engine.provenance import weights_sha256
+from locoop.engine.provenance import cached_weights_sha256, check_backbone_hash
 
 from .lowrank import (BLOCK_WEIGHT_TYPES, LowRankEditor, get_linear, is_block_model, n_removed, normalize_layer,
                       num_layers)
@@ -130,9 +130,11 @@ def base_weights_sha256(model: nn.Module) -> str:
     """:func:`locoop.engine.provenance.weights_sha256` of the base model (before adapters are injected).
 
     Identifies the base model independently of its file format or location (a TorchScript archive
-    and a state-dict file of the same weights hash the same).
+    and a state-dict file of the same weights hash the same). Computed once per model object while its
+    weights are unchanged (:func:`locoop.engine.provenance.cached_weights_sha256`); for the fp32 model
+    SeTAR+FT requires it equals the backbone hash a prompt checkpoint records.
     """
-    return weights_sha256(model)
+    return cached_weights_sha256(model)
 
 
 # ============================================================================ peft injection
@@ -481,11 +483,9 @@ def adapters_from_meta(model: nn.Module, meta: Mapping, dropout: float = 0.0, ba
     kind = meta.get("kind")
     if base_sha256 is None:
         base_sha256 = base_weights_sha256(model)
-    if meta.get("base_sha256") != base_sha256:
-        raise ValueError(
-            f"the adapters were fine-tuned on another base model: weights sha256 {str(meta.get('base_sha256'))[:16]}... "
-            f"(backbone {meta.get('backbone')!r}) but this run's base is {base_sha256[:16]}... (backbone "
-            f"{backbone!r}); set MODEL.BACKBONE.NAME to the checkpoint's backbone")
+    # No key accepts another base: the SeTAR base is the SVD split of these very weights.
+    check_backbone_hash(meta.get("base_sha256"), meta.get("backbone"), base_sha256, backbone, "the description",
+                        "the adapters were fine-tuned")
     if kind == "setar":
         built = add_setar_adapters(model, meta["settings"], prune_type=meta.get("prune_type", "small"),
                                    seed=int(meta.get("seed", 0)), dropout=dropout, backbone=backbone,

@@ -168,11 +168,21 @@ class LoCoOp(PromptTrainer):
         self.register_model("prompt_learner", self.model.prompt_learner, self.optim, self.sched)
         self.init_amp_scaler(self.precision == "amp")
 
+    def checkpoint_provenance(self, name: str) -> Optional[dict]:
+        """The prompt learner's checkpoints record the backbone (name, weight hash) and the class-name hash."""
+        if name != "prompt_learner":
+            return None
+        from locoop.engine.provenance import prompt_provenance
+
+        return prompt_provenance(self.cfg.MODEL.BACKBONE.NAME, self.clip_model, self.model.prompt_learner.classnames)
+
     def load_pretrained_prompt(self, path: str) -> None:
-        """Initialise the prompt learner from a checkpoint file (``MODEL.INIT_WEIGHTS``)."""
+        """Initialise the prompt learner from a checkpoint file (``MODEL.INIT_WEIGHTS``), checked as
+        :meth:`load_model` checks one (backbone and class names, ``MODEL.ALLOW_OTHER_*``)."""
         from locoop.engine.checkpoint import load_checkpoint
 
         ckpt = load_checkpoint(path)
+        self.check_provenance("prompt_learner", ckpt, path)  # another backbone / class names: refused
         state = ckpt["state_dict"]
         state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
         self.model.prompt_learner.load_state_dict(state)
