@@ -250,3 +250,18 @@ def test_resume_takes_the_newer_of_model_last_and_the_latest_epoch_file(tmp_path
     assert resume_checkpoint(str(tmp_path)).endswith("model.pth.tar-2")
     save_checkpoint(state(3), str(tmp_path), model_name=LAST_FILE)
     assert resume_checkpoint(str(tmp_path)).endswith(LAST_FILE)
+
+
+def test_training_keys_are_what_changes_the_trained_result():
+    from locoop.config import get_cfg_default
+    from locoop.config.training_keys import config_text, differing_training_keys
+
+    old = get_cfg_default()
+    new = get_cfg_default()
+    new.OUTPUT_DIR, new.RESUME, new.DATALOADER.NUM_WORKERS, new.TRAIN.PRINT_FREQ = "elsewhere", "x", 1, 3
+    new.MODEL.DEVICE, new.DATASET.ROOT, new.VERBOSE, new.OOD.T, new.TRAIN.CHECKPOINT_FREQ = "cpu", "/d", False, 2.0, 5
+    new.INPUT.SIZE = list(old.INPUT.SIZE)  # a tuple read back from YAML as a list is the same value
+    assert differing_training_keys(config_text(old), new) == []
+    new.OPTIM.LR, new.SEED, new.DATALOADER.TRAIN_X.BATCH_SIZE, new.TEST.FINAL_MODEL = 0.5, 7, 8, "best_val"
+    assert [k for k, _, _ in differing_training_keys(config_text(old), new)] == [
+        "DATALOADER.TRAIN_X.BATCH_SIZE", "OPTIM.LR", "SEED", "TEST.FINAL_MODEL"]
