@@ -90,13 +90,17 @@ def _accuracy_by_hand(trainer, text):
 
 
 def test_locoop_trains_saves_and_reloads(data_root, tiny_vit_path, tmp_path):
+    from locoop.engine.seed import set_random_seed
+
     cfg = _cfg(data_root, tiny_vit_path, tmp_path / "run")
+    set_random_seed(int(cfg.SEED))  # as prepare_run does: the initial context must not depend on earlier tests
     trainer = build_trainer(cfg)
     assert type(trainer).__name__ == "LoCoOp" and trainer.precision == "fp32"  # fp16 falls back on the CPU
     assert trainer.clip_model is trainer.model.clip_model
     assert [n for n, p in trainer.model.named_parameters() if p.requires_grad] == ["prompt_learner.ctx"]
     assert trainer.model.text_encoder.resolve_mode(trainer.model.prompt_learner) == "shared_prefix"
     frozen = {k: v.clone() for k, v in trainer.clip_model.state_dict().items()}
+    before = _train_loss(trainer)  # with the initial context
 
     batch = next(iter(trainer.train_loader_x))
     with torch.no_grad():  # the batch's accuracy with the prompts before the step
@@ -108,7 +112,6 @@ def test_locoop_trains_saves_and_reloads(data_root, tiny_vit_path, tmp_path):
     assert summary["loss"] == pytest.approx(summary["loss_id"] + 0.25 * summary["loss_en"], abs=1e-5)
     assert summary["loss_en"] <= 0 and summary["acc"] == pytest.approx(expected_acc)
 
-    before = _train_loss(trainer)
     trainer.train()
     after = _train_loss(trainer)
     assert after < before
