@@ -89,11 +89,12 @@ def test_prompt_checkpoint_records_backbone_and_classnames(trained_run, tiny_vit
     ckpt = load_checkpoint(str(trained_run / "prompt_learner" / "model.pth.tar-1"))
     prov = ckpt["provenance"]
     model = clip.load(tiny_vit_path, device="cpu")[0].float()
-    # The one weight hash of the project, of the fp32 weights; fp16 weights (as CLIP ships them) hash as
-    # their fp32 copy, so a run trained in fp16 on a GPU is evaluated in fp32 on a CPU.
-    assert prov["backbone_sha256"] == weights_sha256(model)
-    half = model.half()
-    assert backbone_sha256(half) == weights_sha256(copy.deepcopy(half).float()) != weights_sha256(half)
+    # The one weight hash of the project, of the weights rounded to fp16: the fp16 model holds exactly that
+    # rounding, so a run trained in fp16 on a GPU is evaluated in fp32 on a CPU, and the reverse.
+    assert prov["backbone_sha256"] == weights_sha256(model, float_dtype=torch.float16) == backbone_sha256(model)
+    half = copy.deepcopy(model).half()
+    assert backbone_sha256(half) == backbone_sha256(model)
+    assert weights_sha256(copy.deepcopy(half).float()) != weights_sha256(model)  # why fp32 values would not do
     assert prov["backbone"] == tiny_vit_path and prov["num_classes"] == 3
     from locoop.data.synthetic import synthetic_classname
     assert prov["classnames_sha256"] == classnames_sha256([synthetic_classname(i, 3) for i in range(3)])
@@ -189,13 +190,15 @@ def test_checkpoint_without_provenance_loads_with_a_note(tmp_path, capsys, data_
 
 
 def test_adapters_and_prompts_share_the_hash(tiny_vit_path):
-    # SeTAR+FT's base hash and a prompt checkpoint's backbone hash are one hash of the same fp32 model.
+    # SeTAR+FT's base hash and a prompt checkpoint's backbone hash are the one weight hash: of the exact
+    # fp32 weights for adapters (their SVD split depends on every bit), of their fp16 rounding for prompts.
     import clip
-    from locoop.engine.provenance import backbone_sha256
+    from locoop.engine.provenance import backbone_sha256, weights_sha256
     from locoop.setar.adapters import base_weights_sha256
 
     model = clip.load(tiny_vit_path, device="cpu")[0].float()
-    assert base_weights_sha256(model) == backbone_sha256(model)
+    assert base_weights_sha256(model) == weights_sha256(model)
+    assert backbone_sha256(model) == weights_sha256(model, float_dtype=torch.float16)
     # The cache follows in-place changes of the weights.
     before = backbone_sha256(model)
     with torch.no_grad():

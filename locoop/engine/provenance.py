@@ -97,9 +97,14 @@ def cached_weights_sha256(module: torch.nn.Module, float_dtype: Optional[torch.d
 
 
 def backbone_sha256(clip_model: torch.nn.Module) -> str:
-    """The identity a prompt checkpoint records of its CLIP backbone: :func:`weights_sha256` of the fp32
-    weights (so training in fp16 on a GPU and evaluating in fp32 on a CPU agree), cached per model."""
-    return cached_weights_sha256(clip_model, float_dtype=torch.float32)
+    """The identity a prompt checkpoint records of its CLIP backbone, cached per model.
+
+    :func:`weights_sha256` of the weights rounded to float16: the fp16 model (``PREC fp16``) holds
+    exactly the float16 rounding of the fp32 weights, so prompts trained in fp16 on a GPU and
+    evaluated in fp32 on a CPU (or the reverse) name the same backbone. Hashing the fp32 values
+    would not: fp16 weights cast back to fp32 are not the original fp32 weights.
+    """
+    return cached_weights_sha256(clip_model, float_dtype=torch.float16)
 
 
 def classnames_sha256(classnames: Sequence[str]) -> str:
