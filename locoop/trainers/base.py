@@ -35,3 +35,24 @@ class PromptTrainer(TrainerX):
             return super().test(split)
         finally:
             self._eval_text_features = None
+
+
+class NothingToTrain:
+    """Mixin of the trainers that evaluate a fixed model (zero-shot CLIP, a Swin-V2 classifier).
+
+    ``train`` / ``forward_backward`` refuse with :attr:`RUN_HINT`; ``load_model`` ignores a
+    ``--model-dir`` with a note (there are no learned weights to load).
+    """
+
+    #: What to run instead, in the refusal.
+    RUN_HINT = "run it with --eval-only"
+
+    def train(self) -> None:  # type: ignore[override]
+        raise ValueError(f"{type(self).__name__} has nothing to train; {self.RUN_HINT}")
+
+    def forward_backward(self, batch: dict) -> dict:
+        raise ValueError(f"{type(self).__name__} has nothing to train; {self.RUN_HINT}")
+
+    def load_model(self, directory: str, epoch: Optional[int] = None, strict: bool = True) -> None:
+        if directory and self.cfg.VERBOSE:
+            print(f"Note: {type(self).__name__} has no learned weights; ignoring --model-dir {directory}")

@@ -20,6 +20,7 @@ import torch
 
 from locoop.engine.registry import TRAINER_REGISTRY
 from locoop.engine.trainer import TrainerX
+from locoop.trainers.base import NothingToTrain
 
 Tensor = torch.Tensor
 
@@ -27,10 +28,12 @@ __all__ = ["SeTARSwin"]
 
 
 @TRAINER_REGISTRY.register("SeTARSwin")
-class SeTARSwin(TrainerX):
+class SeTARSwin(NothingToTrain, TrainerX):
     """A Swin-V2 image classifier evaluated zero-shot (``eval``) or pruned by SeTAR (``setar-search``)."""
 
     NEEDS_CHECKPOINT = False
+    RUN_HINT = "run eval or setar-search"
+
     #: No text side and no class prompts: ``setar-search`` searches it without prompts (and no --model-dir).
     VISION_ONLY = True
     CFG_SECTIONS = ("MODEL.BACKBONE",)
@@ -78,12 +81,3 @@ class SeTARSwin(TrainerX):
         """Logits ``[B, K]`` (and local logits ``[B, N, K]``)."""
         return self.model(input, return_local)
 
-    def train(self) -> None:  # type: ignore[override]
-        raise ValueError(f"{type(self).__name__} has nothing to train; run eval or setar-search")
-
-    def forward_backward(self, batch: dict) -> dict:
-        raise ValueError(f"{type(self).__name__} has nothing to train; run eval or setar-search")
-
-    def load_model(self, directory: str, epoch: Optional[int] = None, strict: bool = True) -> None:
-        if directory and self.cfg.VERBOSE:
-            print(f"Note: {type(self).__name__} has no learned weights; ignoring --model-dir {directory}")

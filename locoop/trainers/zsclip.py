@@ -15,7 +15,7 @@ import torch
 from locoop.engine.registry import TRAINER_REGISTRY
 from locoop.models.head import DEFAULT_TEXT_CHUNK, CLIPHead, ClassPrompts, zero_shot_prompts
 
-from .base import PromptTrainer
+from .base import NothingToTrain, PromptTrainer
 from .clip_backbone import load_clip
 
 Tensor = torch.Tensor
@@ -26,7 +26,7 @@ ZS_TEMPLATE = "a photo of a {}."
 
 
 @TRAINER_REGISTRY.register("ZeroshotCLIP")
-class ZeroshotCLIP(PromptTrainer):
+class ZeroshotCLIP(NothingToTrain, PromptTrainer):
     """CLIP with hand-written prompts; evaluation only (``--eval-only``).
 
     Same interface as the prompt-learning trainers: ``clip_model``, ``text_features()`` and
@@ -73,15 +73,6 @@ class ZeroshotCLIP(PromptTrainer):
         text = self._eval_text_features if self._eval_text_features is not None else self.text_features()
         return self.head(input, text, return_local)
 
-    def train(self) -> None:  # type: ignore[override]
-        raise ValueError(f"{type(self).__name__} has nothing to train; run it with --eval-only")
-
-    def forward_backward(self, batch: dict) -> dict:
-        raise ValueError(f"{type(self).__name__} has nothing to train; run it with --eval-only")
-
-    def load_model(self, directory: str, epoch: Optional[int] = None, strict: bool = True) -> None:
-        if directory and self.cfg.VERBOSE:
-            print(f"Note: {type(self).__name__} has no learned weights; ignoring --model-dir {directory}")
 
 
 @TRAINER_REGISTRY.register("SeTARZeroshotCLIP")
