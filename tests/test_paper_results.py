@@ -20,7 +20,8 @@ def test_every_row_names_its_source_and_is_consistent():
         src = r["source"]
         assert src["paper"] and src["repository"] and re.fullmatch(r"[0-9a-f]{40}", src["commit"]), r["id"]
         assert src["file"].endswith(".csv"), r["id"]
-        assert r["score"] in ("MCM", "GL-MCM") and r["id_dataset"] in ("ImageNet", "PascalVOC")
+        assert r["score"] in ("MCM", "GL-MCM", "energy") and r["id_dataset"] in ("ImageNet", "PascalVOC")
+        assert r["backbone"] in ("ViT-B/16", "ViT-L/14", "microsoft/swinv2-base-patch4-window16-256"), r["id"]
         assert set(r["ood"]) <= set(OOD_LAYOUT), r["id"]
         expected_sets = {"ImageNet": 4, "PascalVOC": 6}[r["id_dataset"]]
         assert len(r["ood"]) == expected_sets, r["id"]
@@ -31,8 +32,77 @@ def test_every_row_names_its_source_and_is_consistent():
     row = get_paper_row("setar-gl-imagenet")  # spot check against the file it was copied from
     assert row["ood"]["iNaturalist"] == {"fpr95": 13.36, "auroc": 96.92, "aupr": 99.28}
     assert row["average"] == {"fpr95": 33.12, "auroc": 91.32, "aupr": 98.18} and row["id_accuracy"] == 63.966
+    swin = get_paper_row("setar-energy-imagenet-swinv2b")  # SeTAR's Swin-V2 rows, from their files too
+    assert swin["ood"]["Texture"] == {"fpr95": 45.37, "auroc": 84.76, "aupr": 96.99}
+    assert swin["average"] == {"fpr95": 51.61, "auroc": 84.42, "aupr": 95.53} and swin["id_accuracy"] == 84.154
+    assert get_paper_row("lora-gl-imagenet-swinv2b")["ood"]["Places"]["fpr95"] == 74.96
     with pytest.raises(ValueError, match="did you mean setar-gl-imagenet"):
         get_paper_row("setar-gl-imagnet")
+
+
+def _own_rows(tmp_path, **change):
+    """A user's paper-results file: one row typed in from a paper's table (values made up for the test)."""
+    row = {"id": "my-table-row", "method": "LoCoOp", "score": "GL-MCM", "id_dataset": "ImageNet",
+           "backbone": "ViT-B/16", "setting": "16-shot", "source": {"paper": "a paper", "table": "Table 1"},
+           "ood": {o: {"fpr95": 20.0, "auroc": 95.0} for o in ("iNaturalist", "SUN", "Places", "Texture")},
+           "average": {"fpr95": 20.0, "auroc": 95.0}}
+    row.update(change)
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps({"format_version": 1, "rows": [row]}))
+    return path
+
+
+def test_summarize_paper_file_compares_with_a_users_row(tmp_path, capsys):
+    runs = _runs(tmp_path, [0.25])
+    own = _own_rows(tmp_path)
+    comp = summarize_runs(runs, paper="my-table-row", paper_file=own)["paper_comparison"]
+    assert comp["sets"]["SUN"]["fpr95"]["diff"] == pytest.approx(5.0)
+    assert comp["sets"]["Average"]["auroc"]["diff"] == pytest.approx(-5.0) and "aupr" not in comp["sets"]["SUN"]
+    rc = cli_main(["summarize", str(runs[0]), "--paper", "my-table-row", "--paper-file", str(own), "--bootstrap", "0"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "Paper row my-table-row" in out and "a paper; source: Table 1" in out and "+5.00" in out
+    assert cli_main(["summarize", "--paper", "list", "--paper-file", str(own)]) == 0
+    listing = capsys.readouterr().out
+    assert listing.startswith("1 published rows") and "my-table-row" in listing and "Table 1" in listing
+    assert "setar-gl-imagenet" not in listing
+    assert cli_main(["summarize", str(runs[0]), "--paper-file", str(own)]) == 2
+    assert "needs --paper ROW" in capsys.readouterr().err
+    assert cli_main(["summarize", str(runs[0]), "--paper", "setar-gl-imagenet", "--paper-file", str(own)]) == 2
+    assert f"no published row 'setar-gl-imagenet' in {own}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"score": "GL_MCM"}, "unknown score 'GL_MCM' \\(did you mean 'GL-MCM'\\?\\)"),
+    ({"source": {"table": "Table 1"}}, "needs \"source\": {\"paper\""),
+    ({"ood": {"SUN": {"fpr95": 0.2, "auroc": 0.95}}}, "ood.SUN.auroc = 0.95: values are in percent"),
+    ({"ood": {"SUN": {"fpr": 20.0}}}, "unknown metric\\(s\\) \\['fpr'\\]"),
+    ({"ood": {"SUN": {"fpr95": "20"}}}, "ood.SUN.fpr95 = '20': values are numbers in percent"),
+    ({"ood": {}}, "needs \"ood\""),
+    ({"backbone": ""}, "needs a non-empty text 'backbone'"),
+    ({"id_accuracy": 120}, "id_accuracy = 120"),
+])
+def test_a_bad_paper_file_is_refused_before_any_run_is_read(tmp_path, capsys, change, message):
+    own = _own_rows(tmp_path, **change)
+    rc = cli_main(["summarize", str(tmp_path / "no-such-run"), "--paper", "my-table-row", "--paper-file", str(own)])
+    err = capsys.readouterr().err
+    assert rc == 2 and re.search(message, err), err
+    assert "row 'my-table-row'" in err or "row 0" in err
+    assert "no-such-run" not in err  # the file was refused first
+
+
+def test_paper_file_that_is_not_json_or_not_the_format(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"format_version": 1, "rows": [}')
+    with pytest.raises(ValueError, match="bad.json is not valid JSON \\(line 1"):
+        list_paper_rows(bad)
+    bad.write_text(json.dumps([{"id": "x"}]))
+    with pytest.raises(ValueError, match="is not a paper-results file"):
+        list_paper_rows(bad)
+    row = json.loads(_own_rows(tmp_path).read_text())["rows"][0]
+    bad.write_text(json.dumps({"format_version": 1, "rows": [row, row]}))
+    with pytest.raises(ValueError, match="appears twice"):
+        list_paper_rows(bad)
 
 
 def test_paper_results_ship_as_package_data():

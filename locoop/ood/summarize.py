@@ -9,7 +9,8 @@ which.
 Published results ship as ``locoop/data/paper_results.json``: one row per (method, score, ID dataset,
 backbone) with per-OOD-set FPR95 / AUROC / AUPR in percent and the file it was copied from. A summary
 made with ``paper=<row id>`` carries ``paper_comparison``: the runs' mean next to the row, and the
-difference run - paper.
+difference run - paper. ``paper_file`` takes the row from a user's file of the same format instead
+(:func:`check_paper_results` says what a row needs).
 """
 from __future__ import annotations
 
@@ -28,13 +29,92 @@ PAPER_RESULTS = Path(__file__).resolve().parent.parent / "data" / "paper_results
 PathLike = Union[str, Path]
 
 
+PAPER_METRICS = ("fpr95", "auroc", "aupr")
+PAPER_ROW_TEXT_KEYS = ("id", "method", "score", "id_dataset", "backbone")
+
+
 def load_paper_results(path: Optional[PathLike] = None) -> Dict[str, Any]:
-    """The shipped published results (``locoop/data/paper_results.json``), or another file of that format."""
+    """The shipped published results (``locoop/data/paper_results.json``), or a user's file of that format.
+
+    Raises:
+        ValueError: the file is not JSON, or not a valid paper-results file (:func:`check_paper_results`).
+        OSError: it cannot be read.
+    """
     p = Path(path) if path is not None else PAPER_RESULTS
-    doc = json.loads(p.read_text(encoding="utf-8"))
-    if not isinstance(doc, dict) or doc.get("format_version") != 1 or not isinstance(doc.get("rows"), list):
-        raise ValueError(f"{p} is not a paper-results file of format version 1")
+    try:
+        doc = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"paper-results file {p} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    check_paper_results(doc, p)
     return doc
+
+
+def _check_metric_block(block: Any, where: str) -> None:
+    if not isinstance(block, dict) or not block:
+        raise ValueError(f"{where} must be an object of metrics {', '.join(PAPER_METRICS)} (in percent)")
+    unknown = sorted(set(block) - set(PAPER_METRICS))
+    if unknown:
+        raise ValueError(f"{where} has unknown metric(s) {unknown}; the metrics are {', '.join(PAPER_METRICS)}")
+    for k, v in block.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= float(v) <= 100.0:
+            raise ValueError(f"{where}.{k} = {v!r}: values are numbers in percent, 0-100")
+    if "auroc" in block and float(block["auroc"]) <= 1.0:
+        # AUROC near 0.9 is a fraction: a percent table never has an AUROC at or below 1.
+        raise ValueError(f"{where}.auroc = {block['auroc']}: values are in percent; multiply fractions by 100")
+
+
+def check_paper_results(doc: Any, where: PathLike = "paper results") -> None:
+    """Check a paper-results document before any run is read: the shape ``summarize --paper`` compares with.
+
+    A row needs ``id``, ``method``, ``score`` (a registered score name, as the runs' result files spell it),
+    ``id_dataset``, ``backbone`` (as ``MODEL.BACKBONE.NAME``), ``source`` with at least ``paper`` (no number
+    without its source), and ``ood``: OOD set -> ``fpr95`` / ``auroc`` / ``aupr`` in percent; ``average``
+    (same metrics) and ``id_accuracy`` (percent) are optional.
+
+    Raises:
+        ValueError: naming the file, the row and the key at fault, and what it must be.
+    """
+    from locoop.ood.scores import list_scores
+
+    if not isinstance(doc, dict) or doc.get("format_version") != 1 or not isinstance(doc.get("rows"), list):
+        raise ValueError(f"{where} is not a paper-results file: it must be an object with \"format_version\": 1 "
+                         "and \"rows\": [...] (the layout of locoop/data/paper_results.json)")
+    if not doc["rows"]:
+        raise ValueError(f"{where} has no rows")
+    scores, seen = list_scores(), set()
+    for i, row in enumerate(doc["rows"]):
+        name = f"{where}: row {i}"
+        if not isinstance(row, dict):
+            raise ValueError(f"{name} is not an object")
+        for key in PAPER_ROW_TEXT_KEYS:
+            if not isinstance(row.get(key), str) or not row[key].strip():
+                raise ValueError(f"{name} needs a non-empty text {key!r}")
+        name = f"{where}: row {row['id']!r}"
+        if row["id"] in seen:
+            raise ValueError(f"{name} appears twice; row ids are unique")
+        seen.add(row["id"])
+        if row["score"] not in scores:
+            import difflib
+
+            close = difflib.get_close_matches(row["score"], scores, n=1, cutoff=0.5)
+            raise ValueError(f"{name}: unknown score {row['score']!r}"
+                             + (f" (did you mean {close[0]!r}?)" if close else "")
+                             + f"; the scores are {', '.join(scores)}")
+        src = row.get("source")
+        if not isinstance(src, dict) or not isinstance(src.get("paper"), str) or not src["paper"].strip():
+            raise ValueError(f"{name} needs \"source\": {{\"paper\": ..., \"file\" or \"table\": ...}}: "
+                             "every number names where it was copied from")
+        if not isinstance(row.get("ood"), dict) or not row["ood"]:
+            raise ValueError(f"{name} needs \"ood\": {{OOD set: {{metric: value}}}} with at least one set")
+        for o, block in row["ood"].items():
+            _check_metric_block(block, f"{name}: ood.{o}")
+        if row.get("average") is not None:
+            _check_metric_block(row["average"], f"{name}: average")
+        acc = row.get("id_accuracy")
+        if acc is not None and (isinstance(acc, bool) or not isinstance(acc, (int, float)) or not 0 <= acc <= 100):
+            raise ValueError(f"{name}: id_accuracy = {acc!r}: a number in percent, 0-100")
 
 
 def list_paper_rows(path: Optional[PathLike] = None) -> List[Dict[str, Any]]:
@@ -56,7 +136,8 @@ def get_paper_row(row_id: str, path: Optional[PathLike] = None) -> Dict[str, Any
 
     ids = [r["id"] for r in rows]
     close = difflib.get_close_matches(row_id, ids, n=3)
-    raise ValueError(f"no published row {row_id!r}" + (f"; did you mean {', '.join(close)}?" if close else "")
+    where = "" if path is None else f" in {path}"
+    raise ValueError(f"no published row {row_id!r}{where}" + (f"; did you mean {', '.join(close)}?" if close else "")
                      + f" Rows: {', '.join(ids)} (details: --paper list)")
 
 
@@ -66,8 +147,7 @@ def format_paper_list(rows: Optional[Sequence[Mapping[str, Any]]] = None) -> str
     width = max(len(r["id"]) for r in rows)
     lines = [f"{len(rows)} published rows (values in percent; source files named per row):"]
     for r in rows:
-        src = r["source"]
-        where = f"{src.get('repository', '')}@{str(src.get('commit', ''))[:7]} {src.get('file', '')}".strip()
+        where = _where(r["source"])
         lines.append(f"{r['id']:<{width}}  {r['method']}, {r['score']}, {r['id_dataset']}, {r['backbone']}"
                      f"  [{where}]")
     return "\n".join(lines)
@@ -137,10 +217,20 @@ def _run_cell(m: Mapping[str, Any], n_runs: int) -> str:
     return f"{m['run']:.2f}" + (f" ± {m['std']:.2f}" if n_runs > 1 and m.get("std") is not None else "")
 
 
+def _where(src: Mapping[str, Any]) -> str:
+    """Where a row's numbers were copied from: a repository file at a commit, or a table of the paper."""
+    if src.get("repository"):
+        return f"{src['repository']}@{str(src.get('commit', ''))[:7]} {src.get('file', '')}".strip()
+    return " ".join(str(src[k]) for k in ("table", "file", "url") if src.get(k)) or str(src.get("paper", ""))
+
+
 def _source_line(row: Mapping[str, Any]) -> str:
     src = row["source"]
-    return (f"{src.get('paper', '')}; {src.get('kind', 'source')}: {src.get('repository', '')} "
-            f"(commit {str(src.get('commit', ''))[:12]}) {src.get('file', '')}").strip()
+    if src.get("repository"):
+        return (f"{src.get('paper', '')}; {src.get('kind', 'source')}: {src.get('repository', '')} "
+                f"(commit {str(src.get('commit', ''))[:12]}) {src.get('file', '')}").strip()
+    rest = ", ".join(str(src[k]) for k in ("table", "file", "url") if src.get(k))
+    return f"{src.get('paper', '')}" + (f"; {src.get('kind', 'source')}: {rest}" if rest else "")
 
 
 def format_comparison_table(comparison: Mapping[str, Any]) -> str:
@@ -460,7 +550,7 @@ def format_bootstrap_table(block: Mapping[str, Any]) -> str:
 
 def summarize_runs(paths: Sequence[PathLike], output_dir: Optional[PathLike] = None, ddof: int = 0,
                    paper: Optional[str] = None, bootstrap: int = BOOTSTRAP_RESAMPLES, bootstrap_seed: int = 0,
-                   confidence: float = 0.95) -> Dict[str, Any]:
+                   confidence: float = 0.95, paper_file: Optional[PathLike] = None) -> Dict[str, Any]:
     """Average several runs' ``ood_results.json`` per score, OOD set and metric.
 
     A run is counted once: a file named twice (a folder given twice, a symlink to it, a glob matching
@@ -478,6 +568,8 @@ def summarize_runs(paths: Sequence[PathLike], output_dir: Optional[PathLike] = N
         bootstrap: replicates of the bootstrap intervals (:func:`bootstrap_summary`; 1000), 0 = none.
         bootstrap_seed: their seed.
         confidence: their coverage (0.95).
+        paper_file: a paper-results file of the shipped format to take ``paper`` from instead of
+            ``locoop/data/paper_results.json`` (e.g. a table typed in from a paper).
 
     Returns:
         The summary: ``scores[score][set][metric] = {"mean", "std", "values"}`` in percent
@@ -490,7 +582,9 @@ def summarize_runs(paths: Sequence[PathLike], output_dir: Optional[PathLike] = N
             or one whose score the runs lack.
         FileNotFoundError: a path without ``ood_results.json``.
     """
-    row = get_paper_row(paper) if paper else None
+    if paper_file is not None and not paper:
+        raise ValueError("a paper-results file was given without a row to compare with: name one with --paper ROW")
+    row = get_paper_row(paper, paper_file) if paper else None
     files = find_result_files(paths)
     if not files:
         raise ValueError("no runs given: pass run folders containing ood_results.json")
