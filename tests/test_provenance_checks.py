@@ -111,8 +111,16 @@ def test_other_backbone_refused_before_any_image(tmp_path, capsys, data_root, tr
 
 
 def test_same_backbone_and_classnames_load_silently(tmp_path, capsys, data_root, trained_run, tiny_vit_path):
-    rc, out, err = _eval(capsys, data_root, trained_run, tiny_vit_path, tmp_path / "c")
+    rc, out, err = _eval(capsys, data_root, trained_run, tiny_vit_path, tmp_path / "c",
+                         "TRAINER.LOCOOP.LAMBDA", "0.5")  # a key the evaluation does not use
     assert rc == 0, err
+    # The results record what the model was trained with (the checkpoint's config), beside this command's.
+    meta = json.loads((tmp_path / "c" / "ood_results.json").read_text())["meta"]
+    assert meta["config"]["TRAINER"]["LOCOOP"]["LAMBDA"] == 0.5
+    trained = meta["training_config"]
+    assert trained["TRAINER.LOCOOP.LAMBDA"] == 0.25 and trained["SEED"] == 1 and trained["OPTIM.MAX_EPOCH"] == 1
+    assert trained["MODEL.BACKBONE.NAME"] == tiny_vit_path and "OUTPUT_DIR" not in trained
+    assert "DATASET.ROOT" not in trained  # where the data lies does not change what is learned
     assert "another base model" not in err and "other class names" not in err and "records no backbone" not in out
     # What the check compared: the checkpoint records the backbone it was learned on.
     ckpt = load_checkpoint(str(trained_run / "prompt_learner" / "model.pth.tar-1"))
@@ -252,6 +260,20 @@ def test_summarize_refuses_other_method_keys(tmp_path, capsys):
     assert rc == 0, err
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["n_runs"] == 2
+
+
+def test_summarize_refuses_models_trained_with_other_settings(tmp_path, capsys):
+    """Evaluated with one config file, but trained with two LAMBDAs: two methods (meta.training_config)."""
+    cfg = {"TRAINER": {"LOCOOP": {"LAMBDA": 0.25}}, "SEED": 1}
+    _result(tmp_path / "a", config=cfg, training_config={"SEED": 1, "TRAINER.LOCOOP.LAMBDA": 0.25})
+    _result(tmp_path / "b", config=cfg, training_config={"SEED": 2, "TRAINER.LOCOOP.LAMBDA": 0.5})
+    rc, out, err = _summarize(capsys, tmp_path / "a", tmp_path / "b")
+    assert rc == 2 and "training_config.TRAINER.LOCOOP.LAMBDA: 0.25 in" in err and "0.5 in" in err
+    assert "SEED" not in err  # the training seed is what a summary averages over
+    _result(tmp_path / "c", config=cfg, training_config={"SEED": 3, "TRAINER.LOCOOP.LAMBDA": 0.25}, auroc=0.6)
+    _result(tmp_path / "d", config=cfg, auroc=0.7)  # an older results file records no training config
+    rc, out, err = _summarize(capsys, tmp_path / "a", tmp_path / "c", tmp_path / "d")
+    assert rc == 0, err
 
 
 def test_summarize_counts_a_run_once(tmp_path, capsys):

@@ -44,7 +44,10 @@ def _run(args: argparse.Namespace) -> int:
     from locoop.ood.runner import run_ood_benchmark
 
     trainer, text_features = load_trainer_for_eval(cfg, args)
+    from locoop.engine.provenance import training_config_meta
+
     meta = {"trainer": cfg.TRAINER.NAME, "model_dir": args.model_dir or None, "load_epoch": args.load_epoch}
+    meta.update(training_config_meta(trainer))
     train_info = read_run_info(args.model_dir)
     if train_info:
         meta["training"] = train_info

@@ -127,7 +127,7 @@ def _run(args: argparse.Namespace) -> int:
         if args.no_test:
             return 0
 
-    from locoop.engine.provenance import dataset_provenance
+    from locoop.engine.provenance import dataset_provenance, training_config_meta
     from locoop.ood.runner import run_ood_benchmark
 
     trainer.set_model_mode("eval")
@@ -139,6 +139,7 @@ def _run(args: argparse.Namespace) -> int:
         info = read_run_info(args.model_dir) if test_only else None
         if info:
             meta["training"] = info
+        meta.update(training_config_meta(trainer))  # a retest: the adapters' training config
         ds = trainer.dm.dataset
         meta.update(dataset_provenance(ds, ("split_file", "split_hash", "val_split_file", "val_split_hash")))
         run_ood_benchmark(cfg, trainer.clip_model, text, cfg.OUTPUT_DIR, meta=meta, device=trainer.device,

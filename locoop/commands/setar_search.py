@@ -408,7 +408,10 @@ def _run(args: argparse.Namespace) -> int:
                       "top_k": int(cfg.SETAR.TOPK), "freeze_proj": bool(cfg.SETAR.FREEZE_PROJ),
                       "mode": cfg.SETAR.MODE}, **prompt_meta}
     if args.model_dir:
+        from locoop.engine.provenance import training_config_meta
+
         meta["model_dir"] = args.model_dir
+        meta.update(training_config_meta(trainer))  # what the prompts were trained with
 
     if search:
         from locoop.setar.outputs import check_identity

@@ -19,7 +19,8 @@ from typing import Any, Dict, List, Tuple, Union
 
 import yaml
 
-__all__ = ["TRAINING_PREFIXES", "IGNORED", "is_training_key", "config_text", "config_as_dict", "differing_training_keys"]
+__all__ = ["TRAINING_PREFIXES", "IGNORED", "is_training_key", "config_text", "config_as_dict", "training_values",
+           "differing_training_keys"]
 
 #: Dotted prefixes (a whole key or a section followed by ".") whose keys change the trained result.
 TRAINING_PREFIXES: Tuple[str, ...] = (
@@ -60,6 +61,12 @@ def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+def training_values(cfg: Union[str, Any]) -> Dict[str, Any]:
+    """The training-relevant keys of a config (CfgNode, dict or YAML text) as ``{dotted key: value}``, sorted."""
+    flat = _flatten(config_as_dict(cfg))
+    return {k: flat[k] for k in sorted(flat) if is_training_key(k)}
 
 
 def differing_training_keys(recorded: Union[str, Any], current: Union[str, Any]) -> List[Tuple[str, Any, Any]]:

@@ -10,6 +10,8 @@ One place for the facts every record carries, so that the files of ``train``, ``
   a dataset was built from, each with its SHA-256;
 * :func:`environment` -- library versions and hardware;
 * :func:`run_provenance` -- the above for a run: trainer, backbone, seed, dataset files, config;
+* :func:`training_config_meta` -- the training keys of the config a loaded checkpoint was trained
+  with, for the results of an evaluation of it;
 * :func:`backbone_sha256` / :func:`classnames_sha256` -- what a prompt checkpoint records in its
   ``provenance`` entry (:func:`prompt_provenance`), and :func:`check_prompt_provenance` /
   :func:`check_backbone_hash` -- the checks made when such a checkpoint (or a SeTAR+FT adapter
@@ -29,7 +31,7 @@ import torch
 
 __all__ = ["DATASET_KEYS", "weights_sha256", "cached_weights_sha256", "backbone_sha256", "classnames_sha256",
            "prompt_provenance", "check_backbone_hash", "check_prompt_provenance", "dataset_provenance",
-           "environment", "run_provenance"]
+           "environment", "run_provenance", "training_config_meta"]
 
 #: Dataset attributes recorded for reproducibility (each ``*_file`` with its ``*_hash``).
 DATASET_KEYS = ("classnames_file", "classnames_hash", "split_file", "split_hash", "val_split_file", "val_split_hash")
@@ -249,3 +251,15 @@ def run_provenance(cfg: Any, dataset: Any = None, extra: Optional[Mapping[str, A
     if with_config:
         info["config"] = cfg_to_dict(cfg)
     return info
+
+
+def training_config_meta(trainer: Any) -> Dict[str, Any]:
+    """``{"training_config": {dotted key: value}}``: the training-relevant keys
+    (:func:`locoop.config.training_keys.training_values`) of the config recorded in the checkpoint the
+    trainer loaded, so an evaluation's results say what the model was trained with, not only what this
+    command's config files say; ``{}`` when nothing loaded records a config (zero-shot, the papers' Dassl
+    files, checkpoints from before configs were recorded)."""
+    from locoop.config.training_keys import training_values
+
+    recorded = [c for c in (getattr(trainer, "loaded_configs", None) or {}).values() if c]
+    return {"training_config": training_values(recorded[0])} if recorded else {}

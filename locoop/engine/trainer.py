@@ -108,6 +108,8 @@ class TrainerBase:
         self._writer = None
         self.scaler: Optional[Any] = None  # torch.amp.GradScaler when AMP is on (see init_amp_scaler)
         self._lr_updated_epoch: Optional[int] = None
+        #: The config YAML each model's loaded checkpoint records (load_model), by model name.
+        self.loaded_configs: Dict[str, str] = {}
 
     # ------------------------------------------------------------------ registration
     @property
@@ -276,6 +278,8 @@ class TrainerBase:
             ckpt = load_checkpoint(path)
             check_trainer(ckpt, self.checkpoint_trainer_names(), path)
             self.check_provenance(name, ckpt, path)
+            if isinstance(ckpt.get("config"), str):  # what the model was trained with, for the results' record
+                self.__dict__.setdefault("loaded_configs", {})[name] = ckpt["config"]
             state_dict = self.before_load_state_dict(name, ckpt["state_dict"], path)
             print(f"Load {path} to {name} (epoch={ckpt.get('epoch')}"
                   + (f", val_result={ckpt['val_result']:.1f}" if ckpt.get("val_result") is not None else "") + ")")

@@ -377,8 +377,10 @@ def _flatten(node: Any, prefix: str = "") -> Dict[str, Any]:
 
 
 def method_fields(doc: Mapping[str, Any]) -> Dict[str, Any]:
-    """What a results file says about its method: :data:`METHOD_META_KEYS` of its meta and the
-    :data:`METHOD_CONFIG_PREFIXES` keys of its resolved config (those it records)."""
+    """What a results file says about its method: :data:`METHOD_META_KEYS` of its meta, the
+    :data:`METHOD_CONFIG_PREFIXES` keys of its resolved config and, as ``training_config.<key>``, those
+    of the config the evaluated checkpoint was trained with (``meta.training_config``, where recorded):
+    two models trained with other settings are two methods even when evaluated with one config file."""
     meta = doc.get("meta") or {}
     out = {key: meta[key] for key in METHOD_META_KEYS if meta.get(key) is not None}
     config = meta.get("config")
@@ -386,6 +388,11 @@ def method_fields(doc: Mapping[str, Any]) -> Dict[str, Any]:
         for key, value in _flatten(config).items():
             if key.startswith(METHOD_CONFIG_PREFIXES) and key not in METHOD_CONFIG_IGNORED:
                 out[key] = value
+    trained = meta.get("training_config")
+    if isinstance(trained, Mapping):  # already flat: {dotted key: value}
+        for key, value in trained.items():
+            if str(key).startswith(METHOD_CONFIG_PREFIXES) and key not in METHOD_CONFIG_IGNORED:
+                out[f"training_config.{key}"] = value
     return out
 
 
