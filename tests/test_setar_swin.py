@@ -348,12 +348,14 @@ def test_visualize_refuses_a_swin_backbone_in_one_line(tmp_path, data_root, snap
                       "--image_path", image, "--label", "0", "--output-dir", tmp_path,
                       "MODEL.BACKBONE.NAME", snapshot], capsys)
     assert rc == 2 and "is a Swin-V2 classifier" in err and "Traceback" not in err
+    assert "visualize needs a CLIP model's class prompts" in err and "--backbone ViT-B/16" in err
 
 
 def test_extract_refuses_a_swin_backbone_in_one_line(tmp_path, data_root, snapshot, capsys):
     rc, _, err = cli(["extract", "--root", data_root, "--dataset-config-file", DS_CFG, "--datasets", "ID",
                       "--cache-dir", tmp_path / "cache", "MODEL.BACKBONE.NAME", snapshot], capsys)
     assert rc == 2 and "is a Swin-V2 classifier" in err and "Traceback" not in err
+    assert "extract needs CLIP image features to cache" in err and "--backbone ViT-B/16" in err
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.pt"))
 
 

@@ -82,12 +82,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.chunk_images < 1:
         raise ValueError(f"--chunk-images must be >= 1, got {args.chunk_images}")
     cfg = build_cfg(args)
-    from locoop.models.swinv2 import is_swinv2_backbone
+    from locoop.models.swinv2 import refuse_swinv2_backbone
 
-    if is_swinv2_backbone(cfg.MODEL.BACKBONE.NAME):
-        raise ValueError(f"extract caches CLIP image features; MODEL.BACKBONE.NAME {cfg.MODEL.BACKBONE.NAME!r} is a "
-                         "Swin-V2 classifier, whose evaluation (eval / setar-search) reads the images directly. "
-                         "Give a CLIP backbone (e.g. --backbone ViT-B/16)")
+    refuse_swinv2_backbone(cfg.MODEL.BACKBONE.NAME, "extract", "CLIP image features to cache")
     names = list(args.datasets) if args.datasets else ["ID"] + list(cfg.OOD.DATASETS)
     if len(set(names)) != len(names):
         raise ValueError(f"--datasets lists a set twice: {names}")

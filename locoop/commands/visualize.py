@@ -33,12 +33,9 @@ def _run(args: argparse.Namespace) -> int:
     if not args.output_dir and args.model_dir:
         args.output_dir = args.model_dir
     cfg = build_cfg(args)
-    from locoop.models.swinv2 import is_swinv2_backbone
+    from locoop.models.swinv2 import refuse_swinv2_backbone
 
-    if is_swinv2_backbone(cfg.MODEL.BACKBONE.NAME):
-        raise ValueError(f"visualize shades the regions LoCoOp treats as OOD for a CLIP model's class prompts; "
-                         f"MODEL.BACKBONE.NAME {cfg.MODEL.BACKBONE.NAME!r} is a Swin-V2 classifier, which has none. "
-                         "Give a CLIP backbone (e.g. --backbone ViT-B/16)")
+    refuse_swinv2_backbone(cfg.MODEL.BACKBONE.NAME, "visualize", "a CLIP model's class prompts and local features")
     cls = check_trainer(cfg.TRAINER.NAME)
     if trainer_needs_checkpoint(cls) or args.model_dir:
         check_model_dir(args.model_dir, args.load_epoch)

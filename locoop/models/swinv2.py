@@ -72,6 +72,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "refuse_swinv2_backbone",
     "SETAR_SWIN_MODEL",
     "WEIGHT_TYPES",
     "IMAGENET_MEAN",
@@ -235,6 +236,23 @@ def is_swinv2_backbone(name: str) -> bool:
         except (OSError, ValueError):
             return False
     return not p.exists() and "swinv2" in text.lower()
+
+
+def refuse_swinv2_backbone(name: str, command: str, needs: str) -> None:
+    """Stop ``command`` before any work when ``name`` is a Swin-V2 classifier (:func:`is_swinv2_backbone`).
+
+    Args:
+        name: ``MODEL.BACKBONE.NAME``.
+        command: The refusing command (``extract``, ``visualize``).
+        needs: What it needs that a classifier lacks, e.g. "CLIP image features to cache".
+
+    Raises:
+        ValueError: one sentence naming the command, what it needs, the backbone and the fix.
+    """
+    if is_swinv2_backbone(name):
+        raise ValueError(f"{command} needs {needs}; MODEL.BACKBONE.NAME {name!r} is a Swin-V2 classifier, which "
+                         "has none (its evaluation is eval / setar-search). Give a CLIP backbone (e.g. --backbone "
+                         "ViT-B/16)")
 
 
 def read_swinv2_config(snapshot: PathLike) -> Dict[str, Any]:
