@@ -19,16 +19,20 @@ def test_every_row_names_its_source_and_is_consistent():
     for r in rows:
         src = r["source"]
         assert src["paper"] and src["repository"] and re.fullmatch(r"[0-9a-f]{40}", src["commit"]), r["id"]
-        assert src["file"].endswith(".csv"), r["id"]
+        # SeTAR's result files, or the table of GalLoP's README (LoCoOp / CoOp / zero-shot CLIP, to 0.1)
+        assert src["file"].endswith(".csv") or (src["file"] == "README.md" and src["table"]), r["id"]
         assert r["score"] in ("MCM", "GL-MCM", "energy") and r["id_dataset"] in ("ImageNet", "PascalVOC")
         assert r["backbone"] in ("ViT-B/16", "ViT-L/14", "microsoft/swinv2-base-patch4-window16-256"), r["id"]
         assert set(r["ood"]) <= set(OOD_LAYOUT), r["id"]
         expected_sets = {"ImageNet": 4, "PascalVOC": 6}[r["id_dataset"]]
         assert len(r["ood"]) == expected_sets, r["id"]
+        metrics = ("fpr95", "auroc", "aupr") if src["file"].endswith(".csv") else ("fpr95", "auroc")
         for m in list(r["ood"].values()) + [r["average"]]:
-            assert set(m) == {"fpr95", "auroc", "aupr"} and all(0 <= v <= 100 for v in m.values())
-        for k in ("fpr95", "auroc", "aupr"):  # the published average is the mean of the published sets (rounded)
-            assert r["average"][k] == pytest.approx(np.mean([m[k] for m in r["ood"].values()]), abs=0.011), r["id"]
+            assert set(m) == set(metrics) and all(0 <= v <= 100 for v in m.values())
+        step = 10.0 ** -r.get("decimals", 2)
+        for k in metrics:  # the published average is the mean of the published sets (both rounded)
+            assert r["average"][k] == pytest.approx(np.mean([m[k] for m in r["ood"].values()]),
+                                                    abs=step + 0.001), r["id"]
     row = get_paper_row("setar-gl-imagenet")  # spot check against the file it was copied from
     assert row["ood"]["iNaturalist"] == {"fpr95": 13.36, "auroc": 96.92, "aupr": 99.28}
     assert row["average"] == {"fpr95": 33.12, "auroc": 91.32, "aupr": 98.18} and row["id_accuracy"] == 63.966
@@ -36,6 +40,10 @@ def test_every_row_names_its_source_and_is_consistent():
     assert swin["ood"]["Texture"] == {"fpr95": 45.37, "auroc": 84.76, "aupr": 96.99}
     assert swin["average"] == {"fpr95": 51.61, "auroc": 84.42, "aupr": 95.53} and swin["id_accuracy"] == 84.154
     assert get_paper_row("lora-gl-imagenet-swinv2b")["ood"]["Places"]["fpr95"] == 74.96
+    locoop = get_paper_row("locoop-gl-16shot")  # GalLoP's README table, row "LoCoOp (GL-MCM)"
+    assert locoop["ood"]["SUN"] == {"fpr95": 23.4, "auroc": 95.1} and locoop["average"] == {"fpr95": 28.7, "auroc": 93.5}
+    assert locoop["id_accuracy"] == 71.5 and locoop["decimals"] == 1 and locoop["source"]["repository"] == "MarcLafon/gallop"
+    assert get_paper_row("clip-mcm-zeroshot")["ood"]["Texture"] == {"fpr95": 57.9, "auroc": 86.1}
     with pytest.raises(ValueError, match="did you mean setar-gl-imagenet"):
         get_paper_row("setar-gl-imagnet")
 
@@ -81,6 +89,7 @@ def test_summarize_paper_file_compares_with_a_users_row(tmp_path, capsys):
     ({"ood": {}}, "needs \"ood\""),
     ({"backbone": ""}, "needs a non-empty text 'backbone'"),
     ({"id_accuracy": 120}, "id_accuracy = 120"),
+    ({"decimals": 1.5}, "decimals = 1.5"),
 ])
 def test_a_bad_paper_file_is_refused_before_any_run_is_read(tmp_path, capsys, change, message):
     own = _own_rows(tmp_path, **change)
@@ -160,5 +169,9 @@ def test_summarize_paper_via_cli(tmp_path, capsys):
     assert cli_main(["summarize", "--paper", "list"]) == 0
     listing = capsys.readouterr().out
     assert all(r["id"] in listing for r in list_paper_rows())
-    rc = cli_main(["summarize"] + [str(r) for r in runs] + ["--paper", "locoop-gl-16shot"])
-    assert rc == 2 and "no published row 'locoop-gl-16shot'" in capsys.readouterr().err
+    rc = cli_main(["summarize"] + [str(r) for r in runs] + ["--paper", "locoop-gl-16shot", "--bootstrap", "0"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "Paper row locoop-gl-16shot" in out and "MarcLafon/gallop" in out
+    assert "given to 0.1 (rounded)" in out and "AUPR" not in out.split("Paper row")[1]
+    rc = cli_main(["summarize"] + [str(r) for r in runs] + ["--paper", "locoop-gl-1shot"])
+    assert rc == 2 and "no published row 'locoop-gl-1shot'; did you mean locoop-gl-16shot" in capsys.readouterr().err

@@ -71,7 +71,7 @@ def check_paper_results(doc: Any, where: PathLike = "paper results") -> None:
     A row needs ``id``, ``method``, ``score`` (a registered score name, as the runs' result files spell it),
     ``id_dataset``, ``backbone`` (as ``MODEL.BACKBONE.NAME``), ``source`` with at least ``paper`` (no number
     without its source), and ``ood``: OOD set -> ``fpr95`` / ``auroc`` / ``aupr`` in percent; ``average``
-    (same metrics) and ``id_accuracy`` (percent) are optional.
+    (same metrics), ``id_accuracy`` (percent) and ``decimals`` (how many the source gives) are optional.
 
     Raises:
         ValueError: naming the file, the row and the key at fault, and what it must be.
@@ -115,6 +115,9 @@ def check_paper_results(doc: Any, where: PathLike = "paper results") -> None:
         acc = row.get("id_accuracy")
         if acc is not None and (isinstance(acc, bool) or not isinstance(acc, (int, float)) or not 0 <= acc <= 100):
             raise ValueError(f"{name}: id_accuracy = {acc!r}: a number in percent, 0-100")
+        dec = row.get("decimals")
+        if dec is not None and (isinstance(dec, bool) or not isinstance(dec, int) or not 0 <= dec <= 4):
+            raise ValueError(f"{name}: decimals = {dec!r}: the number of decimals the source gives, 0-4")
 
 
 def list_paper_rows(path: Optional[PathLike] = None) -> List[Dict[str, Any]]:
@@ -192,6 +195,10 @@ def compare_with_paper(summary: Mapping[str, Any], row: Mapping[str, Any]) -> Di
     extra = [o for o in run_rows if o not in row["ood"] and o != AVERAGE]
     if extra:
         notes.append(f"the runs' sets {extra} are not in the row; its Average here is over the row's sets")
+    if row.get("decimals") is not None and int(row["decimals"]) < 2:
+        step = 10.0 ** -int(row["decimals"])
+        notes.append(f"the row's values are given to {step:g} (rounded): a difference under {step / 2:g} is within "
+                     "that rounding")
     for key, label in (("id_dataset", "ID dataset"), ("backbone", "backbone")):
         ours = summary.get(key)
         if ours and row.get(key) and str(ours) != str(row[key]):
@@ -227,8 +234,9 @@ def _where(src: Mapping[str, Any]) -> str:
 def _source_line(row: Mapping[str, Any]) -> str:
     src = row["source"]
     if src.get("repository"):
+        table = f", table \"{src['table']}\"" if src.get("table") else ""
         return (f"{src.get('paper', '')}; {src.get('kind', 'source')}: {src.get('repository', '')} "
-                f"(commit {str(src.get('commit', ''))[:12]}) {src.get('file', '')}").strip()
+                f"(commit {str(src.get('commit', ''))[:12]}) {src.get('file', '')}{table}").strip()
     rest = ", ".join(str(src[k]) for k in ("table", "file", "url") if src.get(k))
     return f"{src.get('paper', '')}" + (f"; {src.get('kind', 'source')}: {rest}" if rest else "")
 
