@@ -64,7 +64,7 @@ def test_summarize_paper_file_compares_with_a_users_row(tmp_path, capsys):
     runs = _runs(tmp_path, [0.25])
     own = _own_rows(tmp_path)
     comp = summarize_runs(runs, paper="my-table-row", paper_file=own)["paper_comparison"]
-    assert comp["sets"]["SUN"]["fpr95"]["diff"] == pytest.approx(5.0)
+    assert comp["sets"]["SUN"]["fpr95"]["diff"] == pytest.approx(5.0) and comp["notes"] == []
     assert comp["sets"]["Average"]["auroc"]["diff"] == pytest.approx(-5.0) and "aupr" not in comp["sets"]["SUN"]
     rc = cli_main(["summarize", str(runs[0]), "--paper", "my-table-row", "--paper-file", str(own), "--bootstrap", "0"])
     out, err = capsys.readouterr()
@@ -74,6 +74,10 @@ def test_summarize_paper_file_compares_with_a_users_row(tmp_path, capsys):
     listing = capsys.readouterr().out
     assert listing.startswith("1 published rows") and "my-table-row" in listing and "Table 1" in listing
     assert "setar-gl-imagenet" not in listing
+    typo = _own_rows(tmp_path, ood={"Textures": {"fpr95": 20.0}, "SUN": {"fpr95": 20.0}})
+    notes = summarize_runs(runs, paper="my-table-row", paper_file=typo)["paper_comparison"]["notes"]
+    assert len(notes) == 2 and "no results for ['Textures']" in notes[0]
+    assert "the runs' 'Texture' for the row's 'Textures'?" in notes[0]
     assert cli_main(["summarize", str(runs[0]), "--paper-file", str(own)]) == 2
     assert "needs --paper ROW" in capsys.readouterr().err
     assert cli_main(["summarize", str(runs[0]), "--paper", "setar-gl-imagenet", "--paper-file", str(own)]) == 2

@@ -191,7 +191,13 @@ def compare_with_paper(summary: Mapping[str, Any], row: Mapping[str, Any]) -> Di
     notes = []
     missing = [o for o in row["ood"] if o not in run_rows]
     if missing:
-        notes.append(f"the runs have no results for {missing}; evaluate them on the row's OOD sets")
+        import difflib
+
+        run_sets = [o for o in run_rows if o != AVERAGE]
+        close = {o: difflib.get_close_matches(o, run_sets, n=1, cutoff=0.7) for o in missing}
+        hint = "; ".join(f"the runs' {c[0]!r} for the row's {o!r}? (rename it in the row)" for o, c in close.items() if c)
+        notes.append(f"the runs have no results for {missing}; evaluate them on the row's OOD sets"
+                     + (f" -- or is it {hint}" if hint else ""))
     extra = [o for o in run_rows if o not in row["ood"] and o != AVERAGE]
     if extra:
         notes.append(f"the runs' sets {extra} are not in the row; its Average here is over the row's sets")
