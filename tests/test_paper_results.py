@@ -48,6 +48,20 @@ def test_every_row_names_its_source_and_is_consistent():
         get_paper_row("setar-gl-imagnet")
 
 
+def test_a_row_computed_with_another_lambda_local_says_so(tmp_path):
+    """The GalLoP-table GL-MCM rows add L-MCM with weight 1; configs/zeroshot/GL-MCM.yaml uses 0.5."""
+    def run(folder, lam):
+        results = {"GL-MCM": {o: {"fpr95": 0.3, "auroc": 0.9, "aupr": 0.9}
+                               for o in ("iNaturalist", "SUN", "Places", "Texture")}}
+        write_results(folder, results, meta={"env": {}, "id_dataset": "ImageNet", "backbone": "ViT-B/16",
+                                             "config": {"OOD": {"LAMBDA_LOCAL": lam, "T": 1.0}}}, id_accuracy=0.66)
+        return folder
+    notes = summarize_runs([run(tmp_path / "half", 0.5)], paper="clip-gl-zeroshot")["paper_comparison"]["notes"]
+    assert any("computed with OOD.LAMBDA_LOCAL 1.0, the runs' with 0.5" in n for n in notes), notes
+    notes = summarize_runs([run(tmp_path / "one", 1.0)], paper="clip-gl-zeroshot")["paper_comparison"]["notes"]
+    assert not any("LAMBDA_LOCAL" in n for n in notes), notes
+
+
 def _own_rows(tmp_path, **change):
     """A user's paper-results file: one row typed in from a paper's table (values made up for the test)."""
     row = {"id": "my-table-row", "method": "LoCoOp", "score": "GL-MCM", "id_dataset": "ImageNet",
@@ -94,6 +108,7 @@ def test_summarize_paper_file_compares_with_a_users_row(tmp_path, capsys):
     ({"backbone": ""}, "needs a non-empty text 'backbone'"),
     ({"id_accuracy": 120}, "id_accuracy = 120"),
     ({"decimals": 1.5}, "decimals = 1.5"),
+    ({"config": {"LAMBDA_LOCAL": 1.0}}, "config must map dotted config keys"),
 ])
 def test_a_bad_paper_file_is_refused_before_any_run_is_read(tmp_path, capsys, change, message):
     own = _own_rows(tmp_path, **change)

@@ -71,7 +71,8 @@ def check_paper_results(doc: Any, where: PathLike = "paper results") -> None:
     A row needs ``id``, ``method``, ``score`` (a registered score name, as the runs' result files spell it),
     ``id_dataset``, ``backbone`` (as ``MODEL.BACKBONE.NAME``), ``source`` with at least ``paper`` (no number
     without its source), and ``ood``: OOD set -> ``fpr95`` / ``auroc`` / ``aupr`` in percent; ``average``
-    (same metrics), ``id_accuracy`` (percent) and ``decimals`` (how many the source gives) are optional.
+    (same metrics), ``id_accuracy`` (percent), ``decimals`` (how many the source gives) and ``config``
+    (dotted config keys the numbers were computed with) are optional.
 
     Raises:
         ValueError: naming the file, the row and the key at fault, and what it must be.
@@ -115,6 +116,10 @@ def check_paper_results(doc: Any, where: PathLike = "paper results") -> None:
         acc = row.get("id_accuracy")
         if acc is not None and (isinstance(acc, bool) or not isinstance(acc, (int, float)) or not 0 <= acc <= 100):
             raise ValueError(f"{name}: id_accuracy = {acc!r}: a number in percent, 0-100")
+        conf = row.get("config")
+        if conf is not None and (not isinstance(conf, dict) or not all(isinstance(k, str) and "." in k for k in conf)):
+            raise ValueError(f"{name}: config must map dotted config keys (e.g. \"OOD.LAMBDA_LOCAL\") to the "
+                             "values the row's numbers were computed with")
         dec = row.get("decimals")
         if dec is not None and (isinstance(dec, bool) or not isinstance(dec, int) or not 0 <= dec <= 4):
             raise ValueError(f"{name}: decimals = {dec!r}: the number of decimals the source gives, 0-4")
@@ -156,11 +161,14 @@ def format_paper_list(rows: Optional[Sequence[Mapping[str, Any]]] = None) -> str
     return "\n".join(lines)
 
 
-def compare_with_paper(summary: Mapping[str, Any], row: Mapping[str, Any]) -> Dict[str, Any]:
+def compare_with_paper(summary: Mapping[str, Any], row: Mapping[str, Any],
+                       run_config: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
     """The runs' means next to a published row: ``sets[set][metric] = {run, std, paper, diff}`` in percent.
 
     ``Average`` is the runs' mean over the row's OOD sets (so it compares with the published average even
-    when the runs have more sets); it is None when a set of the row is missing from the runs.
+    when the runs have more sets); it is None when a set of the row is missing from the runs. A row's
+    ``config`` (dotted keys its numbers were computed with, e.g. ``OOD.LAMBDA_LOCAL``) is checked against
+    ``run_config`` (the runs' flattened config): each differing key is a note, with the value to use.
 
     Raises:
         ValueError: the runs have no results for the row's score.
@@ -201,6 +209,11 @@ def compare_with_paper(summary: Mapping[str, Any], row: Mapping[str, Any]) -> Di
     extra = [o for o in run_rows if o not in row["ood"] and o != AVERAGE]
     if extra:
         notes.append(f"the runs' sets {extra} are not in the row; its Average here is over the row's sets")
+    for key, value in (row.get("config") or {}).items():
+        ours = (run_config or {}).get(key)
+        if run_config is not None and key in run_config and ours != value:
+            notes.append(f"the row's numbers were computed with {key} {value!r}, the runs' with {ours!r}: "
+                         f"evaluate with {key} {value!r} to compare like with like")
     if row.get("decimals") is not None and int(row["decimals"]) < 2:
         step = 10.0 ** -int(row["decimals"])
         notes.append(f"the row's values are given to {step:g} (rounded): a difference under {step / 2:g} is within "
@@ -647,7 +660,9 @@ def summarize_runs(paths: Sequence[PathLike], output_dir: Optional[PathLike] = N
         values = {str((d.get("meta") or {}).get(key)) for d in docs if (d.get("meta") or {}).get(key)}
         if len(values) == 1:
             summary[key] = meta.get(key)
-    comparison = compare_with_paper(summary, row) if row is not None else None  # fails before the bootstrap
+    run_config = _flatten(meta["config"]) if isinstance(meta.get("config"), Mapping) else None
+    comparison = (compare_with_paper(summary, row, run_config)  # fails before the bootstrap
+                  if row is not None else None)
     if int(bootstrap) >= 2:
         summary["bootstrap"] = bootstrap_summary(files, docs, int(bootstrap), int(bootstrap_seed), float(confidence))
     if comparison is not None:
