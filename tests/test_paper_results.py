@@ -60,6 +60,12 @@ def test_a_row_computed_with_another_lambda_local_says_so(tmp_path):
     assert any("computed with OOD.LAMBDA_LOCAL 1.0, the runs' with 0.5" in n for n in notes), notes
     notes = summarize_runs([run(tmp_path / "one", 1.0)], paper="clip-gl-zeroshot")["paper_comparison"]["notes"]
     assert not any("LAMBDA_LOCAL" in n for n in notes), notes
+    # LoCoOp's shipped method config evaluates GL-MCM as its row was computed
+    from locoop.config import merge_from_file
+    from locoop.config.defaults import get_cfg_default
+
+    cfg = merge_from_file(get_cfg_default(), str(PAPER_RESULTS.parents[2] / "configs/trainers/LoCoOp/vit_b16_ep50.yaml"))
+    assert cfg.OOD.LAMBDA_LOCAL == get_paper_row("locoop-gl-16shot")["config"]["OOD.LAMBDA_LOCAL"]
 
 
 def _own_rows(tmp_path, **change):
@@ -131,6 +137,40 @@ def test_paper_file_that_is_not_json_or_not_the_format(tmp_path):
     bad.write_text(json.dumps({"format_version": 1, "rows": [row, row]}))
     with pytest.raises(ValueError, match="appears twice"):
         list_paper_rows(bad)
+
+
+def _shipped_config_of(row):
+    """The shipped config that reproduces a SeTAR-repository row (None where none ships for its setting)."""
+    parts = row["source"]["file"].split("/")  # results/<kind>/<model>/ID_<set>/<method>/metrics_*.csv
+    kind, model, id_set, method = parts[1], parts[2], parts[3], parts[4]
+    sub = {"clip_base": "", "clip_large": "clip_large/", "swin_base": "swin_base/"}[model]
+    data = {"ID_ImageNet1K": "imagenet", "ID_VOC": "voc"}[id_set]
+    path = (PAPER_RESULTS.parents[2] / "configs" / "setar" / ("finetune/" if kind == "finetune" else "")
+            / data / f"{sub}{method}.yaml")
+    return path if path.is_file() else None
+
+
+def test_shipped_setar_configs_evaluate_as_their_rows_were():
+    """Each SeTAR row records the temperature (and GL-MCM weight) of the config next to its metrics file;
+    the shipped config for that setting resolves to the same values and scores the row's score."""
+    from locoop.config import merge_from_file
+    from locoop.config.defaults import get_cfg_default
+
+    checked = 0
+    for row in list_paper_rows():
+        if row["source"]["repository"] != "X1AOX1A/SeTAR":
+            continue
+        assert row["source"]["config_file"].rsplit("/", 1)[0] == row["source"]["file"].rsplit("/", 1)[0]
+        path = _shipped_config_of(row)
+        if path is None:  # e.g. ViT-L/14 on VOC: the ViT-B/16 VOC config with another MODEL.BACKBONE.NAME
+            continue
+        cfg = merge_from_file(get_cfg_default(), str(path))
+        assert row["score"] in cfg.OOD.SCORES, (row["id"], str(path))
+        for key, value in row["config"].items():
+            section, name = key.split(".")
+            assert getattr(getattr(cfg, section), name) == value, (row["id"], str(path), key)
+        checked += 1
+    assert checked >= 28
 
 
 def test_paper_results_ship_as_package_data():
