@@ -210,9 +210,8 @@ def compare_with_paper(summary: Mapping[str, Any], row: Mapping[str, Any],
     if extra:
         notes.append(f"the runs' sets {extra} are not in the row; its Average here is over the row's sets")
     for key, value in (row.get("config") or {}).items():
-        ours = (run_config or {}).get(key)
-        if run_config is not None and key in run_config and ours != value:
-            notes.append(f"the row's numbers were computed with {key} {value!r}, the runs' with {ours!r}: "
+        if run_config is not None and key in run_config and run_config[key] != value:
+            notes.append(f"the row's numbers were computed with {key} {value!r}, the runs' with {run_config[key]!r}: "
                          f"evaluate with {key} {value!r} to compare like with like")
     if row.get("decimals") is not None and int(row["decimals"]) < 2:
         step = 10.0 ** -int(row["decimals"])
