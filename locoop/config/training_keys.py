@@ -15,12 +15,12 @@ side (a key added to the framework after the run) is not compared.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Tuple, Union
+from typing import Any, Dict, List, Mapping, Tuple, Union
 
 import yaml
 
-__all__ = ["TRAINING_PREFIXES", "IGNORED", "is_training_key", "config_text", "config_as_dict", "training_values",
-           "differing_training_keys"]
+__all__ = ["TRAINING_PREFIXES", "IGNORED", "is_training_key", "config_text", "config_as_dict", "flatten_config",
+           "training_values", "differing_training_keys"]
 
 #: Dotted prefixes (a whole key or a section followed by ".") whose keys change the trained result.
 TRAINING_PREFIXES: Tuple[str, ...] = (
@@ -52,12 +52,13 @@ def config_as_dict(cfg: Union[str, Any]) -> Dict[str, Any]:
     return yaml.safe_load(cfg if isinstance(cfg, str) else config_text(cfg)) or {}
 
 
-def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+def flatten_config(d: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """A nested config dict as ``{dotted key: value}`` (``{"OOD": {"T": 1.0}}`` -> ``{"OOD.T": 1.0}``)."""
     out: Dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
+        if isinstance(v, Mapping):
+            out.update(flatten_config(v, key + "."))
         else:
             out[key] = v
     return out
@@ -65,12 +66,12 @@ def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
 
 def training_values(cfg: Union[str, Any]) -> Dict[str, Any]:
     """The training-relevant keys of a config (CfgNode, dict or YAML text) as ``{dotted key: value}``, sorted."""
-    flat = _flatten(config_as_dict(cfg))
+    flat = flatten_config(config_as_dict(cfg))
     return {k: flat[k] for k in sorted(flat) if is_training_key(k)}
 
 
 def differing_training_keys(recorded: Union[str, Any], current: Union[str, Any]) -> List[Tuple[str, Any, Any]]:
     """``[(key, recorded value, current value), ...]`` for the training-relevant keys that differ, sorted."""
-    old, new = _flatten(config_as_dict(recorded)), _flatten(config_as_dict(current))
+    old, new = flatten_config(config_as_dict(recorded)), flatten_config(config_as_dict(current))
     return [(k, old[k], new[k]) for k in sorted(old.keys() & new.keys())
             if is_training_key(k) and old[k] != new[k]]

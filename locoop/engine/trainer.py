@@ -279,7 +279,7 @@ class TrainerBase:
             check_trainer(ckpt, self.checkpoint_trainer_names(), path)
             self.check_provenance(name, ckpt, path)
             if isinstance(ckpt.get("config"), str):  # what the model was trained with, for the results' record
-                self.__dict__.setdefault("loaded_configs", {})[name] = ckpt["config"]
+                self.loaded_configs[name] = ckpt["config"]
             state_dict = self.before_load_state_dict(name, ckpt["state_dict"], path)
             print(f"Load {path} to {name} (epoch={ckpt.get('epoch')}"
                   + (f", val_result={ckpt['val_result']:.1f}" if ckpt.get("val_result") is not None else "") + ")")

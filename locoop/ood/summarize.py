@@ -14,6 +14,7 @@ difference run - paper. ``paper_file`` takes the row from a user's file of the s
 """
 from __future__ import annotations
 
+import difflib
 import glob as _glob
 import json
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from locoop.config.training_keys import flatten_config
 from locoop.ood.results import AVERAGE, JSON_NAME, REQUIRED_METRICS, METRIC_TITLES, atomic_write_text, read_results
 
 SUMMARY_FORMAT_VERSION = 1
@@ -97,8 +99,6 @@ def check_paper_results(doc: Any, where: PathLike = "paper results") -> None:
             raise ValueError(f"{name} appears twice; row ids are unique")
         seen.add(row["id"])
         if row["score"] not in scores:
-            import difflib
-
             close = difflib.get_close_matches(row["score"], scores, n=1, cutoff=0.5)
             raise ValueError(f"{name}: unknown score {row['score']!r}"
                              + (f" (did you mean {close[0]!r}?)" if close else "")
@@ -140,8 +140,6 @@ def get_paper_row(row_id: str, path: Optional[PathLike] = None) -> Dict[str, Any
     for row in rows:
         if row["id"] == row_id:
             return row
-    import difflib
-
     ids = [r["id"] for r in rows]
     close = difflib.get_close_matches(row_id, ids, n=3)
     where = "" if path is None else f" in {path}"
@@ -199,8 +197,6 @@ def compare_with_paper(summary: Mapping[str, Any], row: Mapping[str, Any],
     notes = []
     missing = [o for o in row["ood"] if o not in run_rows]
     if missing:
-        import difflib
-
         run_sets = [o for o in run_rows if o != AVERAGE]
         close = {o: difflib.get_close_matches(o, run_sets, n=1, cutoff=0.7) for o in missing}
         hint = "; ".join(f"the runs' {c[0]!r} for the row's {o!r}? (rename it in the row)" for o, c in close.items() if c)
@@ -242,11 +238,16 @@ def _run_cell(m: Mapping[str, Any], n_runs: int) -> str:
     return f"{m['run']:.2f}" + (f" ± {m['std']:.2f}" if n_runs > 1 and m.get("std") is not None else "")
 
 
+def _places(src: Mapping[str, Any]) -> List[str]:
+    """What a source without a repository names of where its numbers are: table, file, url."""
+    return [str(src[k]) for k in ("table", "file", "url") if src.get(k)]
+
+
 def _where(src: Mapping[str, Any]) -> str:
     """Where a row's numbers were copied from: a repository file at a commit, or a table of the paper."""
     if src.get("repository"):
         return f"{src['repository']}@{str(src.get('commit', ''))[:7]} {src.get('file', '')}".strip()
-    return " ".join(str(src[k]) for k in ("table", "file", "url") if src.get(k)) or str(src.get("paper", ""))
+    return " ".join(_places(src)) or str(src.get("paper", ""))
 
 
 def _source_line(row: Mapping[str, Any]) -> str:
@@ -255,7 +256,7 @@ def _source_line(row: Mapping[str, Any]) -> str:
         table = f", table \"{src['table']}\"" if src.get("table") else ""
         return (f"{src.get('paper', '')}; {src.get('kind', 'source')}: {src.get('repository', '')} "
                 f"(commit {str(src.get('commit', ''))[:12]}) {src.get('file', '')}{table}").strip()
-    rest = ", ".join(str(src[k]) for k in ("table", "file", "url") if src.get(k))
+    rest = ", ".join(_places(src))
     return f"{src.get('paper', '')}" + (f"; {src.get('kind', 'source')}: {rest}" if rest else "")
 
 
@@ -393,15 +394,6 @@ METHOD_CONFIG_IGNORED = ("OOD.PLOT", "OOD.CACHE_DIR", "OOD.USE_CACHE", "OOD.BOOT
                          "OOD.NEGLABEL.GROUP_SEED", "SETAR.CACHE_GB", "SETAR.SETTINGS_FILE", "SETAR.MODE")
 
 
-def _flatten(node: Any, prefix: str = "") -> Dict[str, Any]:
-    if not isinstance(node, Mapping):
-        return {prefix[:-1]: node}
-    out: Dict[str, Any] = {}
-    for k, v in node.items():
-        out.update(_flatten(v, f"{prefix}{k}."))
-    return out
-
-
 def method_fields(doc: Mapping[str, Any]) -> Dict[str, Any]:
     """What a results file says about its method: :data:`METHOD_META_KEYS` of its meta, the
     :data:`METHOD_CONFIG_PREFIXES` keys of its resolved config and, as ``training_config.<key>``, those
@@ -411,7 +403,7 @@ def method_fields(doc: Mapping[str, Any]) -> Dict[str, Any]:
     out = {key: meta[key] for key in METHOD_META_KEYS if meta.get(key) is not None}
     config = meta.get("config")
     if isinstance(config, Mapping):
-        for key, value in _flatten(config).items():
+        for key, value in flatten_config(config).items():
             if key.startswith(METHOD_CONFIG_PREFIXES) and key not in METHOD_CONFIG_IGNORED:
                 out[key] = value
     trained = meta.get("training_config")
@@ -659,7 +651,7 @@ def summarize_runs(paths: Sequence[PathLike], output_dir: Optional[PathLike] = N
         values = {str((d.get("meta") or {}).get(key)) for d in docs if (d.get("meta") or {}).get(key)}
         if len(values) == 1:
             summary[key] = meta.get(key)
-    run_config = _flatten(meta["config"]) if isinstance(meta.get("config"), Mapping) else None
+    run_config = flatten_config(meta["config"]) if isinstance(meta.get("config"), Mapping) else None
     comparison = (compare_with_paper(summary, row, run_config)  # fails before the bootstrap
                   if row is not None else None)
     if int(bootstrap) >= 2:
