@@ -64,3 +64,38 @@ def _close_trainer_logger():
     from locoop.engine.logger import close_logger
 
     close_logger()
+
+
+_LOCK_HOLDER = r"""
+import sys, time
+from locoop.engine.runlock import acquire_run_lock
+acquire_run_lock(sys.argv[1], command=sys.argv[2])
+print("ready", flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.fixture
+def lock_holder():
+    """``hold(folder, command)``: another process holding ``folder``'s run lock as ``command`` would;
+    returns its ``Popen`` once the lock is held. Every holder is SIGKILLed at the end of the test."""
+    import signal
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    holders = []
+
+    def hold(folder, command):
+        proc = subprocess.Popen([sys.executable, "-c", _LOCK_HOLDER, str(folder), command], cwd=repo, env=env,
+                                stdout=subprocess.PIPE, text=True)
+        holders.append(proc)
+        assert proc.stdout.readline().strip() == "ready"
+        return proc
+
+    yield hold
+    for proc in holders:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+

@@ -150,33 +150,19 @@ def test_checkpoint_without_a_recorded_config_is_accepted_with_a_note(tmp_path, 
 
 
 # ---------------------------------------------------------------------------- the lock
-_HOLDER = r"""
-import sys, time
-from locoop.engine.runlock import acquire_run_lock
-acquire_run_lock(sys.argv[1], command="holder-command --output-dir x")
-print("ready", flush=True)
-time.sleep(120)
-"""
-
-
-def test_a_second_process_on_a_locked_folder_is_refused(tmp_path, data_root, tiny_vit_path):
+def test_a_second_process_on_a_locked_folder_is_refused(tmp_path, data_root, tiny_vit_path, lock_holder):
     out = tmp_path / "run"
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(out)], cwd=str(REPO), env=env,
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "ready"
-        p = subprocess.run([sys.executable, "-m", "locoop"] + train_args(data_root, tiny_vit_path, out),
-                           cwd=str(REPO), env=dict(env, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                           timeout=120)
-        assert p.returncode == 2, p.stderr[-3000:]
-        line = [ln for ln in p.stderr.splitlines() if "error:" in ln]
-        assert len(line) == 1 and f"pid {holder.pid}" in line[0] and "holder-command" in line[0]
-        assert "--output-dir" in line[0] and "wait" in line[0]
-        assert sorted(os.listdir(out)) == [LOCK_FILE]  # no log.txt, config.yaml or checkpoint of the refused run
-    finally:
-        holder.send_signal(signal.SIGKILL)
-        holder.wait()
+    holder = lock_holder(out, "holder-command --output-dir x")
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-m", "locoop"] + train_args(data_root, tiny_vit_path, out),
+                       cwd=str(REPO), env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stderr[-3000:]
+    line = [ln for ln in p.stderr.splitlines() if "error:" in ln]
+    assert len(line) == 1 and f"pid {holder.pid}" in line[0] and "holder-command" in line[0]
+    assert "--output-dir" in line[0] and "wait" in line[0]
+    assert sorted(os.listdir(out)) == [LOCK_FILE]  # no log.txt, config.yaml or checkpoint of the refused run
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
     # A SIGKILLed holder leaves the file but not the lock.
     assert acquire_run_lock(str(out)) is not None
     release_run_lock(str(out))

@@ -2,7 +2,6 @@
 import copy
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -410,39 +409,20 @@ def test_search_script_with_learned_prompts(tmp_path):
     assert results["meta"]["training_config"] == {"SEED": 2, "TRAINER.LOCOOP.LAMBDA": 0.3}
 
 
-_HOLDER = """
-import sys, time
-from locoop.engine.runlock import acquire_run_lock
-acquire_run_lock(sys.argv[1], command="another-search --output-dir x")
-print("ready", flush=True)
-time.sleep(120)
-"""
-
-
 @pytest.mark.slow
-def test_search_in_a_folder_another_process_holds_is_refused(tmp_path):
+def test_search_in_a_folder_another_process_holds_is_refused(tmp_path, lock_holder):
     import os
-    import signal
-    import subprocess
-    import sys
 
     from locoop.engine.runlock import LOCK_FILE
 
     _make_data(tmp_path)
     out = tmp_path / "run"
-    repo = Path(__file__).resolve().parents[1]
-    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(out)], cwd=str(repo), stdout=subprocess.PIPE,
-                              text=True, env=dict(os.environ, PYTHONPATH=str(repo)))
-    try:
-        assert holder.stdout.readline().strip() == "ready"
-        p = _script(tmp_path, "configs/setar/imagenet/SeTAR.yaml", out)
-        assert p.returncode == 2, p.stdout[-3000:] + p.stderr[-3000:]
-        line = [ln for ln in p.stderr.splitlines() if "error:" in ln]
-        assert len(line) == 1 and f"pid {holder.pid}" in line[0] and "another-search" in line[0]
-        assert sorted(os.listdir(out)) == [LOCK_FILE]  # no search log, progress or settings of the refused run
-    finally:
-        holder.send_signal(signal.SIGKILL)
-        holder.wait()
+    holder = lock_holder(out, "another-search --output-dir x")
+    p = _script(tmp_path, "configs/setar/imagenet/SeTAR.yaml", out)
+    assert p.returncode == 2, p.stdout[-3000:] + p.stderr[-3000:]
+    line = [ln for ln in p.stderr.splitlines() if "error:" in ln]
+    assert len(line) == 1 and f"pid {holder.pid}" in line[0] and "another-search" in line[0]
+    assert sorted(os.listdir(out)) == [LOCK_FILE]  # no search log, progress or settings of the refused run
 
 
 def test_learned_prompts_of_another_class_count(tmp_path):
